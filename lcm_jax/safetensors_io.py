@@ -1,9 +1,10 @@
 """Reading and writing `.safetensors` files with NumPy only (no torch, no copies).
 
 The format is 8 bytes of little-endian header length, a JSON header mapping each tensor
-name to {dtype, shape, data_offsets}, then the raw little-endian bytes. Reading memory-maps
-the file and hands out one tensor at a time, so loading a model never holds more than the
-model plus one tensor in host memory. bfloat16 is read and written through `ml_dtypes`
+name to {dtype, shape, data_offsets}, then the raw little-endian bytes. Reading hands out
+one tensor at a time, read straight from the file (no memory map: mapped pages would stay
+resident and double the host memory of a large load), so loading a model holds the model
+plus a tensor or two in host memory. bfloat16 is read and written through `ml_dtypes`
 (a JAX dependency), which `safetensors.numpy` cannot do.
 """
 
@@ -35,7 +36,7 @@ _NAMES = {v: k for k, v in _DTYPES.items()}
 
 
 class SafetensorsFile(Mapping):
-  """A read-only, memory-mapped mapping name -> np.ndarray over one `.safetensors` file."""
+  """A read-only, lazy mapping name -> np.ndarray over one `.safetensors` file."""
 
   def __init__(self, path: str | os.PathLike):
     self.path = os.fspath(path)
@@ -48,12 +49,6 @@ class SafetensorsFile(Mapping):
     self.metadata = header.pop("__metadata__", {}) or {}
     self._header = header
     self._data_start = 8 + n
-    self._mmap = None
-
-  def _buffer(self) -> np.memmap:
-    if self._mmap is None:
-      self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
-    return self._mmap
 
   def __getitem__(self, name: str) -> np.ndarray:
     info = self._header[name]
@@ -61,8 +56,12 @@ class SafetensorsFile(Mapping):
     if dtype is None:
       raise WeightsError(f"{self.path}: tensor {name!r} has unsupported dtype {info['dtype']}")
     begin, end = info["data_offsets"]
-    raw = self._buffer()[self._data_start + begin:self._data_start + end]
-    return raw.view(dtype).reshape(info["shape"])
+    with open(self.path, "rb") as f:
+      f.seek(self._data_start + begin)
+      raw = f.read(end - begin)
+    if len(raw) != end - begin:
+      raise WeightsError(f"{self.path}: file is truncated (tensor {name!r})")
+    return np.frombuffer(raw, dtype=dtype).reshape(info["shape"])
 
   def shape(self, name: str) -> tuple[int, ...]:
     return tuple(self._header[name]["shape"])

@@ -1,0 +1,295 @@
+"""Reading and writing Stable Diffusion pipelines in the diffusers folder layout.
+
+A diffusers pipeline folder holds `model_index.json` and one folder per component:
+`unet/`, `vae/` (config.json + diffusion_pytorch_model.safetensors), `text_encoder/`
+(config.json + model.safetensors), `tokenizer/` (CLIP BPE files) and `scheduler/`
+(scheduler_config.json). `load_pipeline` turns one into Flax modules and parameter trees;
+`save_pipeline` writes one back that diffusers loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import shutil
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lcm_jax import weights
+from lcm_jax.errors import LcmJaxError, UnsupportedConfigError, WeightsError
+from lcm_jax.safetensors_io import SafetensorsFile, ShardedSafetensors, write_safetensors
+
+# component -> (class names accepted in model_index.json, weights file stem, config file name)
+COMPONENTS = {
+    "unet": (("UNet2DConditionModel",), "diffusion_pytorch_model", "config.json"),
+    "vae": (("AutoencoderKL",), "diffusion_pytorch_model", "config.json"),
+    "text_encoder": (("CLIPTextModel",), "model", "config.json"),
+    "tokenizer": (("CLIPTokenizer", "CLIPTokenizerFast"), None, None),
+    "scheduler": (None, None, "scheduler_config.json"),
+}
+DEFAULT_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+# Non-parameter buffers that some transformers versions save beside the weights.
+IGNORED_BUFFERS = {"text_encoder": ("text_model.embeddings.position_ids",)}
+
+
+@dataclasses.dataclass
+class Pipeline:
+  """A loaded Stable Diffusion pipeline: Flax modules, their parameters and raw configs.
+
+  Attributes:
+    unet, vae, text_encoder: Flax modules (None if the component was not loaded).
+    params: component name -> parameter tree (the `"params"` collection).
+    tokenizer: a transformers `CLIPTokenizer`, or None.
+    configs: component name -> the `config.json` (or `scheduler_config.json`) dict as
+      stored; `save_pipeline` writes these back, so nothing the loader did not need is lost.
+    model_index: the `model_index.json` dict.
+    path: the local folder the pipeline was read from.
+  """
+  unet: Any = None
+  vae: Any = None
+  text_encoder: Any = None
+  tokenizer: Any = None
+  params: dict = dataclasses.field(default_factory=dict)
+  configs: dict = dataclasses.field(default_factory=dict)
+  model_index: dict = dataclasses.field(default_factory=dict)
+  path: str = ""
+
+  @property
+  def scheduler_config(self) -> dict:
+    return self.configs["scheduler"]
+
+  @property
+  def vae_scaling_factor(self) -> float:
+    return float(self.configs["vae"].get("scaling_factor", 0.18215))
+
+
+def _read_json(path: str) -> dict:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    raise LcmJaxError(f"{path} is missing: is this a diffusers pipeline folder?") from None
+  except (OSError, json.JSONDecodeError) as e:
+    raise LcmJaxError(f"{path} cannot be read as JSON: {e}") from None
+
+
+def resolve_pipeline_folder(path_or_repo_id: str, *, revision: str | None = None,
+                            variant: str | None = None) -> str:
+  """A local folder for `path_or_repo_id`: the folder itself, or a Hugging Face Hub snapshot.
+
+  Raises:
+    LcmJaxError: the folder does not exist, or the hub cannot be reached (offline).
+  """
+  path = os.path.expanduser(path_or_repo_id)
+  if os.path.isdir(path):
+    return path
+  looks_like_repo_id = (path_or_repo_id.count("/") == 1 and not path_or_repo_id.startswith((".", "/", "~"))
+                        and not os.path.exists(path))
+  if not looks_like_repo_id:
+    raise LcmJaxError(f"model folder {path_or_repo_id!r} does not exist")
+  try:
+    import huggingface_hub
+    patterns = ["*.json", "*.txt", "tokenizer/*"]
+    patterns += [f"*.{variant}.safetensors", f"*.{variant}*.safetensors*"] if variant else ["*.safetensors"]
+    return huggingface_hub.snapshot_download(path_or_repo_id, revision=revision, allow_patterns=patterns)
+  except Exception as e:  # the hub raises many types: offline, 404, gated, connection errors
+    raise LcmJaxError(
+        f"could not download {path_or_repo_id!r} from the Hugging Face Hub "
+        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+        "If this machine is offline, pass a local diffusers pipeline folder instead.") from None
+
+
+def open_component_weights(folder: str, stem: str, variant: str | None = None) -> SafetensorsFile | ShardedSafetensors:
+  """The safetensors weights of one component folder (single file or sharded with an index)."""
+  suffix = f".{variant}.safetensors" if variant else ".safetensors"
+  single = os.path.join(folder, stem + suffix)
+  index = single + ".index.json"
+  if os.path.isfile(single):
+    return SafetensorsFile(single)
+  if os.path.isfile(index):
+    weight_map = _read_json(index).get("weight_map", {})
+    shards = sorted({os.path.join(folder, f) for f in weight_map.values()})
+    missing = [s for s in shards if not os.path.isfile(s)]
+    if missing:
+      raise WeightsError(f"{index} names shards that are missing: {', '.join(missing)}")
+    return ShardedSafetensors(shards)
+  others = sorted(os.path.basename(p) for p in glob.glob(os.path.join(folder, "*"))
+                  if p.endswith((".safetensors", ".bin", ".ckpt", ".pt", ".msgpack")))
+  if any(o.endswith((".bin", ".ckpt", ".pt")) for o in others) and not any(o.endswith(".safetensors") for o in others):
+    raise WeightsError(
+        f"{folder} has only PyTorch pickle weights ({', '.join(others)}); lcm-jax reads safetensors only. "
+        "Convert them once with diffusers/transformers: load the component with `from_pretrained(...)` and "
+        "call `save_pretrained(folder, safe_serialization=True)`, or download the safetensors version of the model.")
+  hint = f" (found: {', '.join(others)}; pass variant=... to pick one)" if others else ""
+  raise WeightsError(f"{folder} has no {stem}{suffix}{hint}")
+
+
+def _model_classes():
+  # Imported here so that reading configs does not pay for building all modules.
+  from lcm_jax.models import clip, unet, vae
+  return {
+      "unet": (unet.UNetConfig, unet.UNet2DConditionModel),
+      "vae": (vae.VAEConfig, vae.AutoencoderKL),
+      "text_encoder": (clip.CLIPTextConfig, clip.CLIPTextModel),
+  }
+
+
+def build_module(component: str, config: Mapping, *, dtype=jnp.float32, param_dtype=jnp.float32, **kwargs):
+  """The Flax module for `component` ("unet", "vae", "text_encoder") from its config dict."""
+  config_cls, module_cls = _model_classes()[component]
+  try:
+    cfg = config_cls.from_dict(dict(config))
+  except UnsupportedConfigError as e:
+    raise UnsupportedConfigError(f"{component}: {e}") from None
+  return module_cls(cfg, dtype=dtype, param_dtype=param_dtype, **kwargs)
+
+
+def abstract_params(module) -> dict:
+  """The module's parameter tree as `jax.ShapeDtypeStruct`s: shapes only, nothing initialised."""
+  return jax.eval_shape(lambda: module.init(jax.random.key(0), *module.dummy_inputs()))["params"]
+
+
+def load_component(folder: str, component: str, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                   variant: str | None = None,
+                   place: Callable[[tuple[str, ...], np.ndarray], Any] | None = None, **module_kwargs):
+  """Loads one model component folder (`unet/`, `vae/` or `text_encoder/`).
+
+  Returns:
+    (module, params, config dict).
+  """
+  _, stem, config_name = COMPONENTS[component]
+  config = _read_json(os.path.join(folder, config_name))
+  module = build_module(component, config, dtype=dtype, param_dtype=param_dtype, **module_kwargs)
+  tensors = open_component_weights(folder, stem, variant)
+  ignored = set(IGNORED_BUFFERS.get(component, ()))
+  if ignored & set(tensors):
+    tensors = _Without(tensors, ignored)
+  params = weights.torch_to_flax(tensors, abstract_params(module), what=folder, place=place)
+  return module, params, config
+
+
+class _Without(Mapping):
+  """A view of a tensor mapping without some names."""
+
+  def __init__(self, tensors, drop):
+    self._t, self._drop = tensors, set(drop)
+
+  def __getitem__(self, k):
+    if k in self._drop:
+      raise KeyError(k)
+    return self._t[k]
+
+  def shape(self, k):
+    return self._t.shape(k)
+
+  def __iter__(self):
+    return (k for k in self._t if k not in self._drop)
+
+  def __len__(self):
+    return sum(1 for _ in self)
+
+
+def load_pipeline(path_or_repo_id: str, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                  components: tuple[str, ...] = DEFAULT_COMPONENTS, variant: str | None = None,
+                  revision: str | None = None) -> Pipeline:
+  """Loads a diffusers Stable Diffusion pipeline folder (or hub repo) into Flax.
+
+  Args:
+    path_or_repo_id: a local diffusers pipeline folder, or a Hugging Face Hub repo id
+      (downloaded with `huggingface_hub` when online).
+    dtype: compute dtype of the modules (jnp.float32 or jnp.bfloat16).
+    param_dtype: dtype the parameters are stored in.
+    components: which of unet, vae, text_encoder, tokenizer, scheduler to load.
+    variant: a weights variant such as "fp16" (`diffusion_pytorch_model.fp16.safetensors`).
+    revision: hub revision.
+
+  Raises:
+    LcmJaxError (and subclasses) with a message that says what is wrong.
+  """
+  unknown = set(components) - set(COMPONENTS)
+  if unknown:
+    raise LcmJaxError(f"unknown pipeline components {sorted(unknown)}; choose from {list(COMPONENTS)}")
+  folder = resolve_pipeline_folder(path_or_repo_id, revision=revision, variant=variant)
+  model_index = _read_json(os.path.join(folder, "model_index.json"))
+  pipe = Pipeline(model_index=model_index, path=folder)
+  for component in components:
+    entry = model_index.get(component)
+    if not entry or entry[1] is None:
+      raise LcmJaxError(f"{folder}: model_index.json has no {component!r} component")
+    accepted = COMPONENTS[component][0]
+    if accepted is not None and entry[1] not in accepted:
+      raise UnsupportedConfigError(
+          f"{folder}: {component} is a {entry[1]}; lcm-jax supports {' or '.join(accepted)}")
+    sub = os.path.join(folder, component)
+    if not os.path.isdir(sub):
+      raise LcmJaxError(f"{folder}: the {component}/ folder is missing")
+    if component == "tokenizer":
+      from lcm_jax.tokenizer import load_tokenizer
+      pipe.tokenizer = load_tokenizer(sub)
+    elif component == "scheduler":
+      pipe.configs["scheduler"] = _read_json(os.path.join(sub, COMPONENTS["scheduler"][2]))
+    else:
+      module, params, config = load_component(sub, component, dtype=dtype, param_dtype=param_dtype,
+                                              variant=variant)
+      setattr(pipe, component, module)
+      pipe.params[component] = params
+      pipe.configs[component] = config
+  return pipe
+
+
+EXPORT_DTYPES = {"fp32": np.float32, "fp16": np.float16, "bf16": jnp.bfloat16}
+
+
+def unet_config_for_params(config: Mapping, unet_params: Mapping) -> dict:
+  """The UNet config.json that matches `unet_params` (adds `time_cond_proj_dim` if it has cond_proj)."""
+  config = dict(config)
+  cond_proj = unet_params.get("time_embedding", {}).get("cond_proj")
+  config["time_cond_proj_dim"] = int(cond_proj["kernel"].shape[0]) if cond_proj is not None else None
+  return config
+
+
+def save_pipeline(pipe: Pipeline, output: str, *, dtype: str = "fp32") -> None:
+  """Writes `pipe` as a diffusers pipeline folder that diffusers' `from_pretrained` loads.
+
+  Args:
+    dtype: "fp32", "fp16" or "bf16": the dtype of the written weights.
+  """
+  if dtype not in EXPORT_DTYPES:
+    raise LcmJaxError(f"unknown export dtype {dtype!r}; choose from {', '.join(EXPORT_DTYPES)}")
+  os.makedirs(output, exist_ok=True)
+  index = dict(pipe.model_index)
+  for component, params in pipe.params.items():
+    _, stem, config_name = COMPONENTS[component]
+    sub = os.path.join(output, component)
+    os.makedirs(sub, exist_ok=True)
+    config = pipe.configs[component]
+    if component == "unet":
+      config = unet_config_for_params(config, params)
+    with open(os.path.join(sub, config_name), "w") as f:
+      json.dump(config, f, indent=2, sort_keys=True)
+    tensors = weights.flax_to_torch(params, dtype=EXPORT_DTYPES[dtype])
+    write_safetensors(os.path.join(sub, stem + ".safetensors"), tensors, metadata={"format": "pt"})
+  if pipe.tokenizer is not None:
+    pipe.tokenizer.save_pretrained(os.path.join(output, "tokenizer"))
+  if "scheduler" in pipe.configs:
+    os.makedirs(os.path.join(output, "scheduler"), exist_ok=True)
+    with open(os.path.join(output, "scheduler", COMPONENTS["scheduler"][2]), "w") as f:
+      json.dump(pipe.configs["scheduler"], f, indent=2, sort_keys=True)
+  # Copy components this code does not model (safety_checker, feature_extractor, ...) as they are.
+  for name, entry in pipe.model_index.items():
+    if name.startswith("_") or name in COMPONENTS or not isinstance(entry, list) or entry[1] is None:
+      continue
+    src = os.path.join(pipe.path, name)
+    if os.path.isdir(src):
+      shutil.copytree(src, os.path.join(output, name), dirs_exist_ok=True)
+    else:
+      index[name] = [None, None]
+  with open(os.path.join(output, "model_index.json"), "w") as f:
+    json.dump(index, f, indent=2, sort_keys=True)

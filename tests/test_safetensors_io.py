@@ -1,0 +1,69 @@
+"""Our NumPy safetensors reader/writer against the reference `safetensors` library."""
+
+import ml_dtypes
+import numpy as np
+import pytest
+import safetensors.numpy
+import safetensors.torch
+import torch
+
+from lcm_jax.errors import WeightsError
+from lcm_jax.safetensors_io import SafetensorsFile, ShardedSafetensors, write_safetensors
+
+
+def _arrays():
+  rng = np.random.default_rng(0)
+  return {
+      "a.weight": rng.standard_normal((3, 4, 2, 2)).astype(np.float32),
+      "b.bias": rng.standard_normal(5).astype(np.float16),
+      "c.ids": np.arange(7, dtype=np.int64),
+      "d.scalar": np.array(1.5, dtype=np.float32),
+  }
+
+
+def test_reads_what_the_reference_writes(tmp_path):
+  arrays = _arrays()
+  safetensors.numpy.save_file(arrays, tmp_path / "x.safetensors", metadata={"format": "pt"})
+  f = SafetensorsFile(tmp_path / "x.safetensors")
+  assert set(f) == set(arrays)
+  assert f.metadata == {"format": "pt"}
+  for k, v in arrays.items():
+    assert f[k].dtype == v.dtype and f.shape(k) == v.shape
+    np.testing.assert_array_equal(f[k], v)
+
+
+def test_reference_reads_what_we_write_including_bf16(tmp_path):
+  arrays = _arrays()
+  bf16 = torch.randn(4, 3, dtype=torch.bfloat16)
+  arrays["e.bf16"] = bf16.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+  write_safetensors(tmp_path / "y.safetensors", arrays, metadata={"format": "pt"})
+  loaded = safetensors.torch.load_file(tmp_path / "y.safetensors")
+  assert set(loaded) == set(arrays)
+  assert loaded["e.bf16"].dtype == torch.bfloat16
+  assert torch.equal(loaded["e.bf16"], bf16)
+  for k in ("a.weight", "b.bias", "c.ids", "d.scalar"):
+    np.testing.assert_array_equal(loaded[k].numpy(), arrays[k])
+  # and our reader gives back the same bytes
+  np.testing.assert_array_equal(SafetensorsFile(tmp_path / "y.safetensors")["e.bf16"].view(np.int16),
+                                bf16.view(torch.int16).numpy())
+
+
+def test_sharded_union_and_duplicate_names(tmp_path):
+  safetensors.numpy.save_file({"x": np.ones(2, np.float32)}, tmp_path / "1.safetensors")
+  safetensors.numpy.save_file({"y": np.zeros(3, np.float32)}, tmp_path / "2.safetensors")
+  s = ShardedSafetensors([str(tmp_path / "1.safetensors"), str(tmp_path / "2.safetensors")])
+  assert sorted(s) == ["x", "y"] and s.shape("y") == (3,)
+  safetensors.numpy.save_file({"x": np.ones(2, np.float32)}, tmp_path / "3.safetensors")
+  with pytest.raises(WeightsError, match="appears in both"):
+    ShardedSafetensors([str(tmp_path / "1.safetensors"), str(tmp_path / "3.safetensors")])
+
+
+def test_garbage_and_truncated_files_are_clear_errors(tmp_path):
+  (tmp_path / "bad.safetensors").write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{nope")
+  with pytest.raises(WeightsError, match="not a readable safetensors file"):
+    SafetensorsFile(tmp_path / "bad.safetensors")
+  safetensors.numpy.save_file({"x": np.ones(100, np.float32)}, tmp_path / "t.safetensors")
+  data = (tmp_path / "t.safetensors").read_bytes()
+  (tmp_path / "t.safetensors").write_bytes(data[:-40])
+  with pytest.raises(WeightsError, match="truncated"):
+    SafetensorsFile(tmp_path / "t.safetensors")["x"]
