@@ -167,33 +167,43 @@ def load_component(folder: str, component: str, *, dtype=jnp.float32, param_dtyp
   _, stem, config_name = COMPONENTS[component]
   config = _read_json(os.path.join(folder, config_name))
   module = build_module(component, config, dtype=dtype, param_dtype=param_dtype, **module_kwargs)
-  tensors = open_component_weights(folder, stem, variant)
-  ignored = set(IGNORED_BUFFERS.get(component, ()))
-  if ignored & set(tensors):
-    tensors = _Without(tensors, ignored)
+  tensors = _stored_names_as_modelled(component, open_component_weights(folder, stem, variant))
   params = weights.torch_to_flax(tensors, abstract_params(module), what=folder, place=place)
   return module, params, config
 
 
-class _Without(Mapping):
-  """A view of a tensor mapping without some names."""
+def _stored_names_as_modelled(component: str, tensors):
+  """A view of `tensors` under the names our modules use.
 
-  def __init__(self, tensors, drop):
-    self._t, self._drop = tensors, set(drop)
+  Drops known non-parameter buffers, and gives a text encoder saved by transformers v5 from
+  a freshly built model (which stores `embeddings.`, `encoder.`, `final_layer_norm.` at the
+  top level) the `text_model.` prefix that published checkpoints and our modules use.
+  """
+  names = {k: k for k in tensors if k not in IGNORED_BUFFERS.get(component, ())}
+  if component == "text_encoder" and names and not any(k.startswith("text_model.") for k in names):
+    names = {"text_model." + k: k for k in names}
+  if all(k == v for k, v in names.items()) and len(names) == len(tensors):
+    return tensors
+  return _Renamed(tensors, names)
+
+
+class _Renamed(Mapping):
+  """A view of a lazy tensor mapping under other names (new name -> stored name)."""
+
+  def __init__(self, tensors, names: dict[str, str]):
+    self._t, self._names = tensors, names
 
   def __getitem__(self, k):
-    if k in self._drop:
-      raise KeyError(k)
-    return self._t[k]
+    return self._t[self._names[k]]
 
   def shape(self, k):
-    return self._t.shape(k)
+    return self._t.shape(self._names[k])
 
   def __iter__(self):
-    return (k for k in self._t if k not in self._drop)
+    return iter(self._names)
 
   def __len__(self):
-    return sum(1 for _ in self)
+    return len(self._names)
 
 
 def load_pipeline(path_or_repo_id: str, *, dtype=jnp.float32, param_dtype=jnp.float32,

@@ -88,4 +88,17 @@ def save_tiny_pipeline(folder: str, flavour: str, seed: int = 0) -> str:
       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
   out = os.path.join(folder, flavour)
   pipe.save_pretrained(out, safe_serialization=True)
+  add_text_model_prefix(os.path.join(out, "text_encoder", "model.safetensors"))
   return out
+
+
+def add_text_model_prefix(path: str) -> None:
+  """Rewrites a text encoder file with the `text_model.` names that published checkpoints use.
+
+  transformers v5 saves a freshly built CLIPTextModel without that prefix; every SD
+  checkpoint on the hub has it. Tests use the hub's form; one test covers v5's.
+  """
+  import safetensors.numpy
+  tensors = safetensors.numpy.load_file(path)
+  if not any(k.startswith("text_model.") for k in tensors):
+    safetensors.numpy.save_file({"text_model." + k: v for k, v in tensors.items()}, path, metadata={"format": "pt"})

@@ -196,6 +196,18 @@ def test_legacy_vae_attention_names_are_converted_not_skipped(tiny_pipeline, tmp
     np.testing.assert_array_equal(np.asarray(flat_a[k]), np.asarray(flat_b[k]))
 
 
+def test_text_encoder_saved_by_transformers_v5_without_prefix(tiny_pipeline, tmp_path):
+  """transformers v5 saves a freshly built CLIPTextModel without `text_model.`; both forms load."""
+  src = tiny_pipeline("sd2")
+  folder = _copy(src, tmp_path)
+  _rewrite(os.path.join(folder, TEXT_FILE),
+           lambda t: t.update({k[len("text_model."):]: t.pop(k) for k in list(t)}))
+  assert not any(k.startswith("text_model.") for k in SafetensorsFile(os.path.join(folder, TEXT_FILE)))
+  a = weights._flatten(load_pipeline(folder, components=("text_encoder",)).params["text_encoder"])
+  b = weights._flatten(load_pipeline(src, components=("text_encoder",)).params["text_encoder"])
+  assert set(a) == set(b) and all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
+
+
 def test_bin_only_folder_says_how_to_get_safetensors(tiny_pipeline, tmp_path):
   folder = _copy(tiny_pipeline("sd1"), tmp_path)
   os.remove(os.path.join(folder, UNET_FILE))
