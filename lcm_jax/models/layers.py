@@ -130,13 +130,16 @@ class GroupNorm(nn.Module):
     return out.astype(self.dtype)
 
 
-def conv(features: int, kernel: int = 3, *, stride: int = 1, padding: Any = None, dtype: Dtype,
+def conv(features: int, kernel: int = 3, *, stride: int = 1,
+         padding: int | tuple[tuple[int, int], tuple[int, int]] | None = None, dtype: Dtype,
          param_dtype: Dtype, name: str, use_bias: bool = True) -> nn.Conv:
-  """A Conv2d as PyTorch builds it: symmetric padding (kernel - 1) // 2 unless given."""
+  """A Conv2d as PyTorch builds it: `padding` pixels on every side, (kernel - 1) // 2 by
+  default, or explicit ((top, bottom), (left, right))."""
   if padding is None:
-    padding = ((kernel - 1) // 2,) * 2
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                 padding=(padding, padding) if isinstance(padding[0], int) else padding,
+    padding = (kernel - 1) // 2
+  if isinstance(padding, int):
+    padding = ((padding, padding), (padding, padding))
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding,
                  use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
@@ -154,8 +157,7 @@ class Downsample2D(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """x [B, H, W, C] -> [B, ceil(H/2), ceil(W/2), out_channels] (H, W even for padding 0)."""
-    p = self.padding
-    pad = ((0, 1), (0, 1)) if p == 0 else ((p, p), (p, p))
+    pad = ((0, 1), (0, 1)) if self.padding == 0 else self.padding
     return conv(self.out_channels, 3, stride=2, padding=pad, dtype=self.dtype,
                 param_dtype=self.param_dtype, name="conv")(x)
 
