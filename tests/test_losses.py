@@ -363,3 +363,21 @@ def test_bad_config_is_rejected():
     losses.ConsistencyLossConfig(distance="l1")
   with pytest.raises(Exception, match="caption_dropout"):
     losses.ConsistencyLossConfig(caption_dropout=1.5)
+
+
+def test_lcd_step_sharded_on_8_devices_equals_one_device():
+  """The real LCD step on tiny UNets over a data=2 x fsdp=4 mesh of fake CPU devices."""
+  import json
+  import os
+  import subprocess
+  import sys
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-m", "tests.sharded_lcd_check"], cwd=repo, env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+  assert result["max_loss_diff"] <= 1e-5, result
+  assert result["max_param_diff"] <= 1e-5, result
+  assert result["max_target_diff"] <= 1e-5, result
+  assert result["ref_losses"][0] > 0
