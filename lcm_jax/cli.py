@@ -33,4 +33,10 @@ def run(main: Callable[[list[str]], None]) -> None:
     except KeyboardInterrupt:
       fail("interrupted")
 
-  app.run(guarded)
+  try:
+    app.run(guarded)
+  except SystemExit as e:
+    # absl exits with status 1 after printing --help; asking for help is not an error.
+    if e.code == 1 and any(a in ("--help", "-h", "-?", "--helpshort", "--helpfull") for a in sys.argv[1:]):
+      sys.exit(0)
+    raise
