@@ -32,12 +32,10 @@ from lcm_jax.consistency import SIGMA_DATA, TIMESTEP_SCALING, consistency_output
     skipping_step_timesteps
 from lcm_jax.errors import LcmJaxError
 from lcm_jax.schedule import Schedule, alpha_sigma, broadcast_to, to_x0_eps
-from lcm_jax.solvers import ddim_step, dpm_solver_2_step, dpm_solver_pp_2_step
+from lcm_jax.solvers import SOLVERS
 
 ApplyFn = Callable[[Any, jax.Array, jax.Array, jax.Array, jax.Array | None], jax.Array]
 
-# Config names of the one-interval PF-ODE solvers Psi.
-SOLVERS = {"ddim": ddim_step, "dpm_solver": dpm_solver_2_step, "dpm_solver_pp": dpm_solver_pp_2_step}
 DISTANCES = ("l2", "huber")
 
 

@@ -6,16 +6,18 @@ Each solver moves z_t at timestep t to an estimate of z_s at an earlier timestep
 
 which hides the network, classifier-free guidance and the prediction-type conversion from the
 solver. LCD guides x0 and eps separately (x0 = x0_c + w (x0_c - x0_u), eps likewise), as
-diffusers' `train_lcm_distill_sd_wds.py` does; for the epsilon and v_prediction types this
-equals converting the guided raw output, since both conversions are affine in the output
-with weights summing to one.
+diffusers' `train_lcm_distill_sd_wds.py` does; for all three prediction types this equals
+converting the guided raw output, since each conversion is affine in the output and guidance
+weights (1 + w, -w) sum to one.
 
 t and s are [B] timestep arrays, one interval per sample. Integer timesteps index the
 schedule; the second-order solvers also evaluate model_fn at a floating timestep, the point
 half-way between t and s in lambda, located with `schedule.inverse_lambda` (log alpha is
 interpolated linearly between integer timesteps, as in DPM-Solver's discrete schedule). The
-UNet's sinusoidal timestep embedding takes such a timestep as it is. Choosing the nearest
-integer timestep instead would move the midpoint off r = 1/2 and cost the second order.
+UNet's sinusoidal timestep embedding takes such a timestep as it is. Rounding the midpoint to
+an integer timestep would move it off r = 1/2, to r = (lambda_mid - lambda_t) / h varying per
+sample, and need the general-r update with its extra term; interpolating keeps r = 1/2 and
+the two-term form of the papers.
 
 All functions are pure and jittable, and work in the dtype of the schedule's arrays.
 """
@@ -112,6 +114,6 @@ def dpm_solver_pp_2_step(schedule: Schedule, z_t: jax.Array, t: jax.Array, s: ja
 
 SOLVERS: dict[str, Callable[..., jax.Array]] = {
     "ddim": ddim_step,
-    "dpm_solver_2": dpm_solver_2_step,
-    "dpm_solver_pp_2": dpm_solver_pp_2_step,
+    "dpm_solver": dpm_solver_2_step,
+    "dpm_solver_pp": dpm_solver_pp_2_step,
 }
