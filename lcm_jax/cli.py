@@ -6,8 +6,9 @@ program exits with status 2, with no traceback. Anything else is a bug and keeps
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from absl import app
 
@@ -33,10 +34,16 @@ def run(main: Callable[[list[str]], None]) -> None:
     except KeyboardInterrupt:
       fail("interrupted")
 
-  try:
+  with help_exits_zero():
     app.run(guarded)
+
+
+@contextlib.contextmanager
+def help_exits_zero() -> Iterator[None]:
+  """absl exits with status 1 after printing --help; asking for help is not an error."""
+  try:
+    yield
   except SystemExit as e:
-    # absl exits with status 1 after printing --help; asking for help is not an error.
     if e.code == 1 and any(a in ("--help", "-h", "-?", "--helpshort", "--helpfull") for a in sys.argv[1:]):
       sys.exit(0)
     raise

@@ -70,7 +70,7 @@ class Pipeline:
     return float(self.configs["vae"].get("scaling_factor", 0.18215))
 
 
-def _read_json(path: str) -> dict:
+def read_json(path: str) -> dict:
   try:
     with open(path) as f:
       return json.load(f)
@@ -114,7 +114,7 @@ def open_component_weights(folder: str, stem: str, variant: str | None = None) -
   if os.path.isfile(single):
     return SafetensorsFile(single)
   if os.path.isfile(index):
-    weight_map = _read_json(index).get("weight_map", {})
+    weight_map = read_json(index).get("weight_map", {})
     shards = sorted({os.path.join(folder, f) for f in weight_map.values()})
     missing = [s for s in shards if not os.path.isfile(s)]
     if missing:
@@ -165,7 +165,7 @@ def load_component(folder: str, component: str, *, dtype=jnp.float32, param_dtyp
     (module, params, config dict).
   """
   _, stem, config_name = COMPONENTS[component]
-  config = _read_json(os.path.join(folder, config_name))
+  config = read_json(os.path.join(folder, config_name))
   module = build_module(component, config, dtype=dtype, param_dtype=param_dtype, **module_kwargs)
   tensors = _stored_names_as_modelled(component, open_component_weights(folder, stem, variant))
   params = weights.torch_to_flax(tensors, abstract_params(module), what=folder, place=place)
@@ -208,12 +208,16 @@ class _Renamed(Mapping):
 
 def load_pipeline(path_or_repo_id: str, *, dtype=jnp.float32, param_dtype=jnp.float32,
                   components: tuple[str, ...] = DEFAULT_COMPONENTS, variant: str | None = None,
-                  revision: str | None = None) -> Pipeline:
-  """Loads a diffusers Stable Diffusion pipeline folder (or hub repo) into Flax.
+                  revision: str | None = None, params: str = "ema") -> Pipeline:
+  """Loads a diffusers Stable Diffusion pipeline folder (or hub repo, or training workdir) into Flax.
 
   Args:
-    path_or_repo_id: a local diffusers pipeline folder, or a Hugging Face Hub repo id
-      (downloaded with `huggingface_hub` when online).
+    path_or_repo_id: a local diffusers pipeline folder, a Hugging Face Hub repo id
+      (downloaded with `huggingface_hub` when online), or a `python -m lcm_jax.train`
+      workdir (its latest checkpoint's UNet with the workdir's VAE, text encoder and LCM
+      scheduler; all components are loaded).
+    params: for a workdir, which UNet parameters: "ema" (the EMA target, default) or
+      "online" (the student).
     dtype: compute dtype of the modules (jnp.float32 or jnp.bfloat16).
     param_dtype: dtype the parameters are stored in.
     components: which of unet, vae, text_encoder, tokenizer, scheduler to load.
@@ -223,11 +227,15 @@ def load_pipeline(path_or_repo_id: str, *, dtype=jnp.float32, param_dtype=jnp.fl
   Raises:
     LcmJaxError (and subclasses) with a message that says what is wrong.
   """
+  from lcm_jax import checkpoint  # imported here: checkpoint builds on this module
+  if checkpoint.is_workdir(os.path.expanduser(path_or_repo_id)):
+    return checkpoint.pipeline_from_workdir(os.path.expanduser(path_or_repo_id), params=params, dtype=dtype,
+                                            param_dtype=param_dtype)
   unknown = set(components) - set(COMPONENTS)
   if unknown:
     raise LcmJaxError(f"unknown pipeline components {sorted(unknown)}; choose from {list(COMPONENTS)}")
   folder = resolve_pipeline_folder(path_or_repo_id, revision=revision, variant=variant)
-  model_index = _read_json(os.path.join(folder, "model_index.json"))
+  model_index = read_json(os.path.join(folder, "model_index.json"))
   pipe = Pipeline(model_index=model_index, path=folder)
   for component in components:
     entry = model_index.get(component)
@@ -244,7 +252,7 @@ def load_pipeline(path_or_repo_id: str, *, dtype=jnp.float32, param_dtype=jnp.fl
       from lcm_jax.tokenizer import load_tokenizer
       pipe.tokenizer = load_tokenizer(sub)
     elif component == "scheduler":
-      pipe.configs["scheduler"] = _read_json(os.path.join(sub, COMPONENTS["scheduler"][2]))
+      pipe.configs["scheduler"] = read_json(os.path.join(sub, COMPONENTS["scheduler"][2]))
     else:
       module, params, config = load_component(sub, component, dtype=dtype, param_dtype=param_dtype,
                                               variant=variant)

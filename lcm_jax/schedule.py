@@ -80,8 +80,9 @@ _ONLY_VALUES: dict[str, tuple[Any, ...]] = {
     "use_flow_sigmas": (False,),
     "use_dynamic_shifting": (False,),
     "solver_order": (2,),
-    "solver_type": ("midpoint",),
-    "algorithm_type": ("dpmsolver", "dpmsolver++"),
+    # DPMSolverMultistepScheduler reads the DEIS / UniPC names as "midpoint" / "dpmsolver++".
+    "solver_type": ("midpoint", "logrho", "bh1", "bh2"),
+    "algorithm_type": ("dpmsolver", "dpmsolver++", "deis"),
     "final_sigmas_type": ("zero", "sigma_min"),
     "variance_type": ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log"),
     "timestep_spacing": TIMESTEP_SPACINGS,
@@ -160,6 +161,15 @@ def schedule_from_config(d: Mapping[str, Any]) -> Schedule:
     rescaling, learned variance, solver_order other than 2, the "heun" solver, the SDE
     variants, a finite lambda_min_clipped, an unknown beta schedule or prediction type).
   """
+  # An in-memory diffusers config lists the keys that took its class's defaults; from_config
+  # treats them as absent (saved JSON files never carry the list).
+  defaulted = set(d.get("_use_default_values", ()))
+  d = {k: v for k, v in d.items() if k not in defaulted}
+  if d.get("solver_type") in ("logrho", "bh1", "bh2"):
+    # UniPC's and DEIS's solver types: DPMSolverMultistepScheduler.from_config maps them to
+    # "midpoint", so a folder shipping such a scheduler config samples as diffusers does.
+    d["solver_type"] = "midpoint"
+
   def given(key):
     return d.get(key)
 
@@ -195,7 +205,7 @@ def schedule_from_config(d: Mapping[str, Any]) -> Schedule:
       set_alpha_to_one=None if given("set_alpha_to_one") is None else bool(d["set_alpha_to_one"]),
       clip_sample=None if given("clip_sample") is None else bool(d["clip_sample"]),
       clip_sample_range=float(option("clip_sample_range", 1.0)),
-      algorithm_type=given("algorithm_type"),
+      algorithm_type="dpmsolver++" if given("algorithm_type") == "deis" else given("algorithm_type"),
       final_sigmas_type=given("final_sigmas_type"),
       lower_order_final=bool(option("lower_order_final", True)),
       euler_at_final=bool(option("euler_at_final", False)),
@@ -219,7 +229,7 @@ def alpha_sigma(schedule: Schedule, t: jax.Array) -> tuple[jax.Array, jax.Array]
 
   Integer t: sqrt(alphas_cumprod[t]) and sqrt(1 - alphas_cumprod[t]), with t = -1 meaning
   the data (1, 0). Floating t: log(alpha) interpolated linearly between integer timesteps
-  (see the module docstring) and sigma = sqrt(1 - alpha^2).
+  (see the module docstring), t clamped to [0, N - 1], and sigma = sqrt(1 - alpha^2).
   """
   t = jnp.asarray(t)
   if jnp.issubdtype(t.dtype, jnp.integer):

@@ -1,0 +1,36 @@
+r"""LCD of an SD 1.5-architecture teacher (Dreamshaper v7, the teacher of the published
+LCM_Dreamshaper_v7) at 512x512.
+
+    python -m lcm_jax.train --config=configs/sd15_lcm.py --workdir=runs/dreamshaper7 \
+        --config.data.path='/data/laion-aesthetics-6plus/{00000..01210}.tar'
+
+Numbers: diffusers' README example for `train_lcm_distill_sd_wds.py` on SD 1.5: lr 1e-6,
+pseudo-Huber loss (c = 0.001), EMA 0.95, no weight decay, 12 images per GPU (96 on 8 GPUs
+here: set batch_size for your devices), omega ~ U[5, 15] (its w_min/w_max defaults);
+4,000 iterations, as the LCM_Dreamshaper_v7 model card reports (about 32 A100 GPU-hours).
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import common  # noqa: E402
+
+
+def get_config(arg=None):
+  del arg
+  c = common.get_base_config()
+  c.teacher = "Lykon/dreamshaper-7"
+  c.data.format = "wds"
+  c.resolution = 512
+  c.batch_size = 96
+  c.num_train_steps = 4_000
+  c.optimizer.lr = 1e-6
+  c.optimizer.weight_decay = 0.0
+  c.ema_decay = 0.95
+  c.loss.distance = "huber"
+  c.loss.huber_c = 0.001
+  c.loss.omega_min, c.loss.omega_max = 5.0, 15.0
+  c.checkpoint_every = 500
+  c.sample_every = 200
+  return c
