@@ -18,6 +18,13 @@ Jitting: the step count and the options after `*` are static, so bind them with 
 A `Schedule` is a pytree whose options are static, so it may be an argument too. A Python
 float guidance_scale bound with `partial` decides statically whether the unconditional branch
 runs (it is skipped at exactly 1.0); a traced guidance_scale always runs both branches.
+diffusers' pipelines skip guidance for every g <= 1; here any g other than 1 is applied
+(g = 0 gives the unconditional model).
+
+Static arguments: `num_steps` for all; `algorithm`, `final_sigmas_type` for
+`dpm_solver_sample`; `original_inference_steps`, `timestep_scaling`, `time_cond_proj_dim`
+for `lcm_sample`. Everything else (params, latents, contexts, schedule, guidance_scale, rng)
+may be traced: a new value of any of them reuses the compiled sampler.
 
 Every sampler takes latents already scaled by its initial noise sigma, which is 1 for all of
 them (`INIT_NOISE_SIGMA`), and matches the diffusers scheduler built with
@@ -306,17 +313,16 @@ def lcm_sample(apply_fn: ApplyFn, params, latents: jax.Array, context: jax.Array
   if time_cond_proj_dim is not None:
     w = jnp.broadcast_to(jnp.asarray(guidance_scale, jnp.float32) - 1.0, (b,))
     w_embedding = guidance_embedding(w, time_cond_proj_dim).astype(latents.dtype)
-  if rng is None:
-    if num_steps > 1:
-      raise LcmJaxError("lcm_sample needs rng for more than one step")
-    rng = jax.random.key(0)  # the only step returns denoised; its noise is unused
-  keys = jax.random.split(rng, num_steps)
+  if rng is None and num_steps > 1:
+    raise LcmJaxError("lcm_sample needs rng for more than one step")
+  # A single step returns denoised and never uses its noise.
+  keys = None if rng is None else jax.random.split(rng, num_steps)
 
   def body(z, xs):
     t, t_next, last, key = xs
     tb = _batch_t(t, z)
     out = apply_fn(params, z, tb, context, w_embedding).astype(z.dtype)
-    noise = jax.random.normal(key, z.shape, z.dtype)
+    noise = jnp.zeros_like(z) if key is None else jax.random.normal(key, z.shape, z.dtype)
     z_next, denoised = lcm_step(schedule, out, z, tb, _batch_t(t_next, z), noise, timestep_scaling)
     return jnp.where(last, denoised, z_next), None
 
