@@ -21,10 +21,10 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import time
 
+from lcm_jax.bench import run_role
 from lcm_jax.bench.load_unet import SD21_UNET
 
 # SD 2.1-base: the 768 model's UNet without upcast_attention, epsilon prediction.
@@ -232,12 +232,7 @@ def main() -> None:
     return
   results = {}
   for role in ("jax",) + (() if args.skip_torch else ("torch",)):
-    print(f"[{role}] running ...", flush=True)
-    p = subprocess.run([sys.executable, "-m", "lcm_jax.bench.lcd_step", *sys.argv[1:], "--_role", role],
-                       capture_output=True, text=True)
-    if p.returncode:
-      sys.exit(f"{role} failed:\n{p.stderr[-4000:]}")
-    results[role] = json.loads(p.stdout.split("RESULT ", 1)[1])
+    results[role] = run_role("lcm_jax.bench.lcd_step", role, sys.argv[1:])
   j = results["jax"]
   peak = _peak_flops(j["device"])
   arch = "SD 2.1-base UNet" + (f" at width x{args.width_scale}" if args.width_scale != 1.0 else "")

@@ -17,10 +17,10 @@ import argparse
 import json
 import os
 import resource
-import subprocess
-import sys
 import tempfile
 import time
+
+from lcm_jax.bench import run_role
 
 # The SD 2.1 (768x768, v-prediction) UNet configuration as published with the model.
 SD21_UNET = dict(
@@ -116,12 +116,7 @@ def main() -> None:
   for role in ("save", "jax", "torch"):
     if role == "save" and os.path.exists(os.path.join(workdir, "unet", "diffusion_pytorch_model.safetensors")):
       continue
-    print(f"[{role}] ...", flush=True)
-    p = subprocess.run([sys.executable, "-m", "lcm_jax.bench.load_unet", "--workdir", workdir,
-                        "--repeats", str(args.repeats), "--_role", role], capture_output=True, text=True)
-    if p.returncode:
-      sys.exit(f"{role} failed:\n{p.stderr[-3000:]}")
-    results[role] = json.loads(p.stdout.split("RESULT ", 1)[1])
+    results[role] = run_role("lcm_jax.bench.load_unet", role, ["--workdir", workdir, "--repeats", str(args.repeats)])
   j, t = results["jax"], results["torch"]
   fp32_gib = j["params"] * 4 / 2**30
   print(f"\nSD 2.1 UNet, random weights, one forward at {LATENT}x{LATENT} latents, batch 1, fp32, on {j['device']}")

@@ -32,11 +32,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
+from lcm_jax.bench import run_role
 from lcm_jax.bench.load_unet import SD21_UNET
 
 PROMPT = "a photo of a cat on the sea"
@@ -208,15 +208,10 @@ def main() -> None:
   for role in ("save", "jax", "torch"):
     if role == "save" and os.path.exists(os.path.join(workdir, "teacher", "model_index.json")):
       continue
-    print(f"[{role}] ...", flush=True)
     start = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "lcm_jax.bench.sample_speed", "--workdir", workdir,
-                        "--resolution", str(size), "--batch_size", str(args.batch_size),
-                        "--repeats", str(args.repeats), "--dtype", args.dtype, "--_role", role],
-                       capture_output=True, text=True)
-    if p.returncode:
-      sys.exit(f"{role} failed:\n{p.stderr[-3000:]}")
-    results[role] = json.loads(p.stdout.split("RESULT ", 1)[1])
+    results[role] = run_role("lcm_jax.bench.sample_speed", role,
+                             ["--workdir", workdir, "--resolution", str(size), "--batch_size", str(args.batch_size),
+                              "--repeats", str(args.repeats), "--dtype", args.dtype])
     print(f"[{role}] done in {time.perf_counter() - start:.0f}s", flush=True)
 
   j, t = results["jax"], results["torch"]
