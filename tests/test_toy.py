@@ -128,6 +128,12 @@ def test_tokenizer_makes_every_word_one_token(tmp_path):
 # The metrics (tests of the shipped teacher come with it: issue 6 is still open)
 
 
+@pytest.fixture(scope="module")
+def metrics():
+  from lcm_jax.toy.metrics import DomainMetrics
+  return DomainMetrics.load(METRIC)
+
+
 def test_fid_of_real_images(metrics):
   from lcm_jax.toy.metrics import feature_statistics
   attrs = domain.prompt_set(400)
