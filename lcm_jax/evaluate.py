@@ -14,7 +14,9 @@ guidance against the empty prompt, the LCM embeds omega. Scores (`lcm_jax.toy.me
 * text alignment: the fraction of images whose shape colour, shape and position the attribute
   network reads back equal to the prompt's (our stand-in for the CLIP score).
 Reference rows, for scale: real images (a second real draw: the FID floor of this many
-samples) and the teacher's VAE reconstructions of the real images (the autoencoder's floor).
+samples), the teacher's VAE reconstructions of the real images (the autoencoder's floor) and
+the teacher with DDIM at `--reference_steps` steps (the guided ODE's solution that the LCM is
+distilled towards).
 
 Writes <output>/table.md, table.json, plot.png (FID and alignment against steps) and
 samples.png (the first prompts under every sampler), and prints the table.
@@ -37,8 +39,11 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("teacher", "toy/teacher", "The teacher: a diffusers pipeline folder.")
 flags.DEFINE_string("lcm", None, "The LCM: a training workdir (its latest checkpoint's EMA "
                     "parameters) or an LCM pipeline folder.")
+flags.DEFINE_integer("lcm_step", None, "With a workdir --lcm: the checkpoint step to score (default: the latest).")
+flags.DEFINE_enum("lcm_params", "ema", ["ema", "online"], "With a workdir --lcm: the EMA target (the LCM, "
+                  "default) or the online student.")
 flags.DEFINE_string("output", None, "Folder for table.md, table.json, plot.png and samples.png.")
-flags.DEFINE_integer("num_samples", 1000, "Prompts (= images per sampler and step count).")
+flags.DEFINE_integer("num_samples", 2000, "Prompts (= images per sampler and step count).")
 flags.DEFINE_string("metric", "toy/metric", "Folder of the attribute network "
                     "(built by `python -m lcm_jax.toy.metrics`).")
 flags.DEFINE_enum("domain", "teacher", ["teacher", "shifted"], "Prompt set: the teacher's colours, or "
@@ -46,6 +51,8 @@ flags.DEFINE_enum("domain", "teacher", ["teacher", "shifted"], "Prompt set: the 
 flags.DEFINE_list("samplers", ["ddim", "dpm_solver", "dpm_solver_pp", "lcm"], "Rows of the table.")
 flags.DEFINE_list("steps", ["1", "2", "4", "8"], "Columns of the table.")
 flags.DEFINE_float("guidance_scale", 9.0, "diffusers' g = 1 + the paper's omega (paper: omega = 8).")
+flags.DEFINE_integer("reference_steps", 50, "Steps of the teacher-DDIM reference row (what the LCM is "
+                     "distilled towards); 0 leaves it out.")
 flags.DEFINE_integer("batch_size", 250, "Images per compiled sampler call.")
 flags.DEFINE_integer("seed", 0, "Seed of the initial latents and LCM noise (image i: (seed, i)).")
 flags.DEFINE_integer("prompt_seed", 1234, "Seed of the prompt set.")
@@ -56,14 +63,16 @@ REFERENCE_SEED = 777  # the jitter of the real reference images
 SECOND_REAL_SEED = 778  # a second real draw, for the FID floor
 
 
-def load_model(path: str):
-  """A `Pipeline` from a diffusers folder or a training workdir (EMA parameters)."""
+def load_model(path: str, params: str = "ema", step: int | None = None):
+  """A `Pipeline` from a diffusers folder or a training workdir (its `params` at `step`)."""
   from lcm_jax.pipeline import load_pipeline
   if not os.path.exists(path):
     raise LcmJaxError(f"{path} does not exist")
   from lcm_jax import checkpoint
   if checkpoint.is_workdir(path):
-    return checkpoint.pipeline_from_workdir(path, "ema")
+    return checkpoint.pipeline_from_workdir(path, params, step)
+  if step is not None:
+    raise LcmJaxError(f"--lcm_step needs a training workdir; {path} is a pipeline folder")
   return load_pipeline(path)
 
 
@@ -132,6 +141,8 @@ def main(argv: list[str]) -> None:
     raise LcmJaxError(f"--steps must be integers, got {FLAGS.steps}") from None
   if not steps or min(steps) < 1:
     raise LcmJaxError(f"--steps must be positive integers, got {FLAGS.steps}")
+  if FLAGS.reference_steps < 0:
+    raise LcmJaxError(f"--reference_steps must be >= 0 (0: no teacher reference row), got {FLAGS.reference_steps}")
   if FLAGS.num_samples < 2:
     raise LcmJaxError("--num_samples must be at least 2 (an FID needs a covariance)")
 
@@ -156,14 +167,18 @@ def main(argv: list[str]) -> None:
   second_real = domain.draw_all(attrs, SECOND_REAL_SEED)
   references = {"real images": score(second_real),
                 "teacher VAE reconstructions": score(vae_reconstructions(teacher, second_real))}
-  print(f"[evaluate] {FLAGS.num_samples} prompts ({FLAGS.domain} colours); references: "
-        + json.dumps({k: round(v["fid"], 3) for k, v in references.items()}), flush=True)
-
   models = {}
-  if any(s != "lcm" for s in samplers):
+  if any(s != "lcm" for s in samplers) or FLAGS.reference_steps:
     models["teacher"] = TextToImage(teacher)
+  if FLAGS.reference_steps:
+    images, _ = generate(models["teacher"], prompts, "ddim", FLAGS.reference_steps, FLAGS.guidance_scale,
+                         FLAGS.seed, FLAGS.batch_size)
+    references[f"teacher DDIM {FLAGS.reference_steps} steps"] = score(images)
+  print(f"[evaluate] {FLAGS.num_samples} prompts ({FLAGS.domain} colours); references: "
+        + json.dumps({k: {"fid": round(v["fid"], 3), "alignment": round(v["alignment"], 4)}
+                      for k, v in references.items()}), flush=True)
   if "lcm" in samplers:
-    models["lcm"] = TextToImage(load_model(FLAGS.lcm))
+    models["lcm"] = TextToImage(load_model(FLAGS.lcm, FLAGS.lcm_params, FLAGS.lcm_step))
 
   results: dict = {}
   grid_rows, grid_labels = [], []
@@ -188,7 +203,8 @@ def main(argv: list[str]) -> None:
     f.write(table)
   total = time.perf_counter() - t_start
   report = {"results": results, "references": references, "settings": {
-      "teacher": FLAGS.teacher, "lcm": FLAGS.lcm, "num_samples": FLAGS.num_samples, "domain": FLAGS.domain,
+      "teacher": FLAGS.teacher, "lcm": FLAGS.lcm, "lcm_step": FLAGS.lcm_step,
+      "lcm_params": FLAGS.lcm_params, "num_samples": FLAGS.num_samples, "domain": FLAGS.domain,
       "guidance_scale": FLAGS.guidance_scale, "omega": FLAGS.guidance_scale - 1, "seed": FLAGS.seed,
       "prompt_seed": FLAGS.prompt_seed, "metric": FLAGS.metric, "steps": steps, "samplers": samplers},
       "total_seconds": round(total, 1)}

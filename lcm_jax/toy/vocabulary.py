@@ -69,21 +69,30 @@ def merges_for(words: Sequence[str]) -> list[tuple[str, str]]:
   return sorted(rank, key=rank.get)
 
 
-def write_tokenizer(folder: str, words: Sequence[str] = VOCABULARY,
-                    model_max_length: int = MODEL_MAX_LENGTH) -> str:
-  """Writes the tokenizer files to `folder` and returns it. Pads with <|endoftext|> (SD 1.x)."""
+def vocab_and_merges(words: Sequence[str] = VOCABULARY) -> tuple[dict[str, int], list[tuple[str, str]]]:
+  """The vocabulary (token -> id, CLIP's order) and the ordered merges that make each word one token."""
   merges = merges_for(words)
   alphabet = byte_alphabet()
   tokens = alphabet + [c + END_OF_WORD for c in alphabet] + [a + b for a, b in merges] + [START, END]
   vocab: dict[str, int] = {}
   for token in tokens:
     vocab.setdefault(token, len(vocab))
+  return vocab, merges
+
+
+def write_tokenizer(folder: str, words: Sequence[str] = VOCABULARY,
+                    model_max_length: int = MODEL_MAX_LENGTH, pad_token: str = END) -> str:
+  """Writes the tokenizer files to `folder` and returns it.
+
+  pad_token: "<|endoftext|>" as SD 1.x's tokenizer (the default), or "!" as SD 2.x's.
+  """
+  vocab, merges = vocab_and_merges(words)
   os.makedirs(folder, exist_ok=True)
   with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
     json.dump(vocab, f, ensure_ascii=False)
   with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
     f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-  special = {"bos_token": START, "eos_token": END, "unk_token": END, "pad_token": END}
+  special = {"bos_token": START, "eos_token": END, "unk_token": END, "pad_token": pad_token}
   with open(os.path.join(folder, "special_tokens_map.json"), "w", encoding="utf-8") as f:
     json.dump(special, f)
   with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
@@ -94,4 +103,4 @@ def write_tokenizer(folder: str, words: Sequence[str] = VOCABULARY,
 
 def vocab_size(words: Sequence[str] = VOCABULARY) -> int:
   """The number of tokens `write_tokenizer(words=words)` writes."""
-  return 2 * len(byte_alphabet()) + len(set(a + b for a, b in merges_for(words))) + 2
+  return len(vocab_and_merges(words)[0])
