@@ -24,7 +24,7 @@ $(CORE_STAMP): $(PY) pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 demo: $(CORE_STAMP)
 	$(PY) -m lcm_jax.demo

@@ -33,6 +33,9 @@ def load_tokenizer(folder: str):
     missing = ", ".join(f for f in _BPE_FILES if f not in present)
     raise LcmJaxError(f"tokenizer folder {folder} has no {missing} (nor {_FAST_FILE}); "
                       f"it is not a CLIP tokenizer folder.")
+  # lcm-jax uses transformers for the tokenizer only; without torch, transformers would print
+  # an advisory that "models won't be available" on import, which does not concern us.
+  os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
   from transformers import CLIPTokenizer  # Imported late: it takes seconds and most callers never need it.
   try:
     return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
