@@ -307,3 +307,11 @@ def test_evaluate_cli_rejects_bad_input(tmp_path):
   result = subprocess.run([sys.executable, "-m", "lcm_jax.evaluate", f"--teacher={TEACHER}",
                            f"--output={tmp_path}", "--samplers=ddim,foo"], capture_output=True, text=True, cwd=REPO)
   assert result.returncode == 2 and "unknown --samplers" in result.stderr
+
+
+def test_domain_cli_rejects_bad_input(tmp_path):
+  for args, message in ((["--num_images=0", f"--output={tmp_path}"], "--num_images must be positive"),
+                        (["--num_images=3"], "--output is required")):
+    result = subprocess.run([sys.executable, "-m", "lcm_jax.toy.domain", *args], capture_output=True, text=True,
+                            cwd=REPO)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
