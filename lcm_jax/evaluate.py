@@ -65,15 +65,15 @@ SECOND_REAL_SEED = 778  # a second real draw, for the FID floor
 
 def load_model(path: str, params: str = "ema", step: int | None = None):
   """A `Pipeline` from a diffusers folder or a training workdir (its `params` at `step`)."""
+  from lcm_jax import checkpoint
   from lcm_jax.pipeline import load_pipeline
   if not os.path.exists(path):
     raise LcmJaxError(f"{path} does not exist")
-  from lcm_jax import checkpoint
-  if checkpoint.is_workdir(path):
-    return checkpoint.pipeline_from_workdir(path, params, step)
-  if step is not None:
+  if step is None:
+    return load_pipeline(path, params=params)
+  if not checkpoint.is_workdir(path):
     raise LcmJaxError(f"--lcm_step needs a training workdir; {path} is a pipeline folder")
-  return load_pipeline(path)
+  return checkpoint.pipeline_from_workdir(path, params, step)
 
 
 def generate(t2i, prompts: list[str], sampler: str, steps: int, guidance_scale: float, seed: int,

@@ -288,7 +288,7 @@ def test_lcf_on_the_shifted_colours_and_its_evaluation(demo_run):
   out = root / "eval"
   result = subprocess.run(
       [sys.executable, "-m", "lcm_jax.evaluate", f"--teacher={TEACHER}", f"--lcm={lcf}", f"--output={out}",
-       "--num_samples=8", "--batch_size=8", "--steps=1", "--samplers=lcm", "--domain=shifted",
+       "--num_samples=8", "--batch_size=8", "--steps=1", "--samplers=lcm", "--domain=shifted", "--lcm_step=2",
        f"--metric={METRIC}", "--grid_prompts=4"], capture_output=True, text=True, cwd=REPO, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads((out / "table.json").read_text())
