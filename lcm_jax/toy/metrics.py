@@ -15,11 +15,11 @@ shapes, so we train our own feature network on the domain:
   shape colour, shape and position, as the classifier reads them, all equal the caption's.
   Chance level is 1 / (9 x 4 x 5) = 0.56%; real images score the classifier's accuracy.
 
-The trained network is shipped in `toy/metric/` (1.7 MB) and rebuilt with
+The trained network is shipped in `toy/metric/` (1.5 MB) and rebuilt with
 
     python -m lcm_jax.toy.metrics --output toy/metric [--seed 0]
 
-(about 3 minutes on 2 CPU cores). Shipping it keeps the numbers comparable between machines
+(7 minutes on 2 CPU cores). Shipping it keeps the numbers comparable between machines
 and JAX versions; retraining gives the same network only on the same software and hardware.
 """
 
