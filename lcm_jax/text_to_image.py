@@ -108,7 +108,8 @@ def latent_shape(pipe, height: int, width: int) -> tuple[int, int, int]:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _encode_ids(text_encoder, params, ids: jax.Array) -> jax.Array:
+def encode_ids(text_encoder, params, ids: jax.Array) -> jax.Array:
+  """Token ids [B, L] -> the text encoder's last hidden state [B, L, D] (jitted per module and shape)."""
   return text_encoder.apply({"params": params}, ids)[0]
 
 
@@ -119,7 +120,7 @@ def encode_prompts(pipe, prompts: Sequence[str]) -> jax.Array:
   the text encoder's last hidden state (no clip_skip). Jitted once per batch size.
   """
   ids = tokenize(pipe.tokenizer, list(prompts))
-  return _encode_ids(pipe.text_encoder, pipe.params["text_encoder"], jnp.asarray(ids))
+  return encode_ids(pipe.text_encoder, pipe.params["text_encoder"], jnp.asarray(ids))
 
 
 def sample_keys(seed: int, indices: Sequence[int] | np.ndarray) -> jax.Array:
@@ -292,7 +293,7 @@ class TextToImage:
   def _arg_specs(self, sampler: str, batch: int, height: int, width: int, guided: bool):
     """Abstract arguments of the generate function, for ahead-of-time compilation."""
     ids = jax.ShapeDtypeStruct((batch, self.pipe.tokenizer.model_max_length), jnp.int32)
-    context = jax.eval_shape(functools.partial(_encode_ids, self.pipe.text_encoder),
+    context = jax.eval_shape(functools.partial(encode_ids, self.pipe.text_encoder),
                              self.pipe.params["text_encoder"], ids)
     uncond = None
     if sampler != "lcm" and guided:

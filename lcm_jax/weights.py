@@ -101,17 +101,19 @@ def rename_legacy_keys(keys) -> dict[str, str]:
   return out
 
 
-def _flatten(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+def flatten_tree(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+  """A nested parameter dict -> {path tuple: leaf}."""
   flat = {}
   for k, v in tree.items():
     if isinstance(v, Mapping):
-      flat.update(_flatten(v, prefix + (k,)))
+      flat.update(flatten_tree(v, prefix + (k,)))
     else:
       flat[prefix + (k,)] = v
   return flat
 
 
-def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:
+def unflatten_tree(flat: Mapping[tuple[str, ...], Any]) -> dict:
+  """The inverse of `flatten_tree`."""
   tree: dict = {}
   for path, v in flat.items():
     node = tree
@@ -152,7 +154,7 @@ def torch_to_flax(tensors: Mapping[str, np.ndarray], target: Mapping, *, prefix:
   Raises:
     WeightsError listing missing, unexpected and mis-shaped keys.
   """
-  flat_target = _flatten(target)
+  flat_target = flatten_tree(target)
   renamed = rename_legacy_keys(tensors.keys())
   stored_by_new = {new: old for old, new in renamed.items()}
   plan = {}
@@ -182,7 +184,7 @@ def torch_to_flax(tensors: Mapping[str, np.ndarray], target: Mapping, *, prefix:
     converted = np.ascontiguousarray(rule.to_flax(array)).astype(leaf.dtype, copy=False)
     out[path] = place(path, converted)
     del array, converted
-  return _unflatten(out)
+  return unflatten_tree(out)
 
 
 def _is_pointwise_conv(stored: tuple[int, ...], expected: tuple[int, ...]) -> bool:
@@ -192,7 +194,7 @@ def _is_pointwise_conv(stored: tuple[int, ...], expected: tuple[int, ...]) -> bo
 def flax_to_torch(params: Mapping, *, prefix: str = "", dtype: Any = None) -> dict[str, np.ndarray]:
   """Converts a Flax parameter tree to a PyTorch-layout state dict of NumPy arrays."""
   out = {}
-  for path, leaf in _flatten(params).items():
+  for path, leaf in flatten_tree(params).items():
     a = np.asarray(jax.device_get(leaf))
     rule = _rule_for(path[-1], a.ndim)
     a = np.ascontiguousarray(rule.to_torch(a))

@@ -334,7 +334,7 @@ def test_student_from_teacher():
   k = np.asarray(torch_default["time_embedding"]["cond_proj"]["kernel"])
   bound = 1 / np.sqrt(256)
   assert k.shape == (256, 32) and np.abs(k).max() <= bound and k.std() > 0.5 * bound / np.sqrt(3)
-  flat_t, flat_s = weights._flatten(st.teacher_params), weights._flatten(zero)
+  flat_t, flat_s = weights.flatten_tree(st.teacher_params), weights.flatten_tree(zero)
   assert all(flat_s[p] is flat_t[p] for p in flat_t)
 
 

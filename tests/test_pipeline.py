@@ -190,7 +190,7 @@ def test_legacy_vae_attention_names_are_converted_not_skipped(tiny_pipeline, tmp
   assert any(".query." in k for k in SafetensorsFile(os.path.join(folder, VAE_FILE)))
   a = load_pipeline(folder, components=("vae",)).params["vae"]
   b = load_pipeline(src, components=("vae",)).params["vae"]
-  flat_a, flat_b = weights._flatten(a), weights._flatten(b)
+  flat_a, flat_b = weights.flatten_tree(a), weights.flatten_tree(b)
   assert set(flat_a) == set(flat_b)
   for k in flat_a:
     np.testing.assert_array_equal(np.asarray(flat_a[k]), np.asarray(flat_b[k]))
@@ -203,8 +203,8 @@ def test_text_encoder_saved_by_transformers_v5_without_prefix(tiny_pipeline, tmp
   _rewrite(os.path.join(folder, TEXT_FILE),
            lambda t: t.update({k[len("text_model."):]: t.pop(k) for k in list(t)}))
   assert not any(k.startswith("text_model.") for k in SafetensorsFile(os.path.join(folder, TEXT_FILE)))
-  a = weights._flatten(load_pipeline(folder, components=("text_encoder",)).params["text_encoder"])
-  b = weights._flatten(load_pipeline(src, components=("text_encoder",)).params["text_encoder"])
+  a = weights.flatten_tree(load_pipeline(folder, components=("text_encoder",)).params["text_encoder"])
+  b = weights.flatten_tree(load_pipeline(src, components=("text_encoder",)).params["text_encoder"])
   assert set(a) == set(b) and all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
 
 

@@ -40,6 +40,7 @@ import optax
 from lcm_jax.errors import LcmJaxError
 from lcm_jax.safetensors_io import SafetensorsFile, write_safetensors
 from lcm_jax.toy import domain
+from lcm_jax.weights import flatten_tree, unflatten_tree
 
 # head -> the labels it predicts, in index order.
 HEADS = {
@@ -128,18 +129,11 @@ def train_attribute_net(seed: int = 0, steps: int = 1500, batch: int = 128, num_
 # Saving and loading
 
 
-def _flatten(tree, prefix=()):
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      yield from _flatten(v, prefix + (k,))
-    else:
-      yield ".".join(prefix + (k,)), np.asarray(v)
-
-
 def save_attribute_net(folder: str, params, info: dict) -> None:
   """Writes the weights (safetensors) and `info` (how it was trained, its accuracy) to folder."""
   os.makedirs(folder, exist_ok=True)
-  write_safetensors(os.path.join(folder, WEIGHTS_FILE), dict(_flatten(params)))
+  flat = {".".join(path): np.asarray(leaf) for path, leaf in flatten_tree(params).items()}
+  write_safetensors(os.path.join(folder, WEIGHTS_FILE), flat)
   with open(os.path.join(folder, INFO_FILE), "w") as f:
     json.dump(info, f, indent=2)
 
@@ -150,15 +144,8 @@ def load_attribute_net(folder: str):
   if not os.path.isfile(path):
     raise LcmJaxError(f"{path} is missing: build the metric network with "
                       f"`python -m lcm_jax.toy.metrics --output {folder}`")
-  params: dict = {}
   tensors = SafetensorsFile(path)
-  for name in tensors:
-    *parents, leaf = name.split(".")
-    node = params
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = jnp.asarray(tensors[name])
-  return params
+  return unflatten_tree({tuple(name.split(".")): jnp.asarray(tensors[name]) for name in tensors})
 
 
 # ----------------------------------------------------------------------------------------

@@ -205,8 +205,8 @@ def build_text_encoder(seed: int):
 
 def encode_texts(module, params, tokenizer, texts: list[str], batch: int = 256) -> np.ndarray:
   """texts -> last hidden states [N, L, D] float32, as SD pipelines use them."""
-  apply = jax.jit(lambda p, ids: module.apply({"params": p}, ids)[0])
-  out = [np.asarray(apply(params, jnp.asarray(tokenize(tokenizer, texts[i:i + batch]))))
+  from lcm_jax.text_to_image import encode_ids
+  out = [np.asarray(encode_ids(module, params, jnp.asarray(tokenize(tokenizer, texts[i:i + batch]))))
          for i in range(0, len(texts), batch)]
   return np.concatenate(out)
 
