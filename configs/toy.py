@@ -1,17 +1,18 @@
-r"""The toy reproduction (issue 6): distil the shipped toy teacher on its 32x32 shapes domain, on a CPU.
+r"""The toy reproduction: distil the shipped toy teacher on its 32x32 shapes domain, on a CPU.
 
-    python -m lcm_jax.toy.teacher --output toy/teacher          # only to rebuild the shipped teacher
+    python -m lcm_jax.toy.teacher                                # only to rebuild the shipped teacher
     python -m lcm_jax.toy.domain --output workdirs/toy_data/teacher --num_images 8000
     python -m lcm_jax.train --config=configs/toy.py --workdir=workdirs/toy
 
-`make demo` runs exactly this (lcm_jax/demo.py writes the data). The arg `lcf` gives latent
+`make demo` runs exactly this (lcm_jax/toy/demo.py writes the data; lcm_jax/toy/README.md). The arg `lcf` gives latent
 consistency fine-tuning of that LCM on the shifted sub-domain (colours the teacher never saw):
 
     python -m lcm_jax.toy.domain --output workdirs/toy_data/shifted --num_images 4000 --colours shifted --seed 5
     python -m lcm_jax.train --config=configs/toy.py:lcf --workdir=workdirs/toy_lcf
 
 Where the numbers come from:
-* loss: the paper's (DDIM solver, k = 20, omega ~ U[2, 14], l2), as configs/common.py.
+* loss: the paper's (DDIM solver, k = 20, omega ~ U[2, 14], l2), the defaults of
+  `lcm_jax.config.base_config`.
 * batch 32, constant lr 1e-4, 1000 steps: not the paper's (lr 8e-6 for 100k steps of an
   865M-parameter UNet); a 2.5M-parameter UNet distilled in minutes on a CPU takes larger
   steps. 1000 steps take about 4.5 minutes on 2 cores, so `make demo` fits 15 minutes.
@@ -23,14 +24,11 @@ Where the numbers come from:
   steadily (step 800: 1-step 380, 4-step 114, 8-step 96; the teacher's 50-step DDIM: 101).
   A decaying learning rate with 0.95 (warmup_cosine) did not fix it: the target moving as
   fast as the student is the problem, as the paper's EMA-target design suggests.
-* float32 everywhere: bf16 is slower than fp32 on CPUs.
+* float32 everywhere (`lcm_jax.config.cpu_settings`): bf16 is slower than fp32 on CPUs.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import common  # noqa: E402
+from lcm_jax import config as config_lib
+from lcm_jax.toy import TEACHER_DIR
 
 SAMPLE_PROMPTS = (
     "a red circle on the left on a blue background",
@@ -41,31 +39,24 @@ SAMPLE_PROMPTS = (
 
 
 def get_config(arg=None):
-  if arg not in (None, "", "lcd", "lcf"):
-    raise ValueError(f"configs/toy.py takes no arg, 'lcd' or 'lcf', got {arg!r}")
-  c = common.get_base_config()
-  c.teacher = "toy/teacher"
+  arg = config_lib.parse_arg(arg, lcf=False)
+  c = config_lib.cpu_settings(config_lib.base_config())
+  c.teacher = TEACHER_DIR
   c.data.path = "workdirs/toy_data/teacher"
   c.data.format = "imagefolder"
-  c.data.num_workers = 0
   c.data.read_threads = 2
   c.resolution = 32
   c.batch_size = 32
   c.num_train_steps = 1000
   c.optimizer.lr = 1e-4
-  c.optimizer.schedule = "constant"
   c.ema_decay = 0.995
-  c.precision.teacher_dtype = "float32"
-  c.precision.compute_dtype = "float32"
-  c.precision.target_dtype = "float32"
-  c.remat = False
   c.checkpoint_every = 500
   c.keep_checkpoints = 2
   c.log_every = 20
   c.sample_every = 1000
   c.sample_prompts = SAMPLE_PROMPTS
   c.sample_guidance_scale = 9.0  # omega = 8, the paper's evaluation setting
-  if arg == "lcf":
+  if arg.lcf:
     # Algorithm 4: no teacher; the VAE, text encoder and tokenizer come from the LCM's workdir.
     c.mode = "lcf"
     c.teacher = ""

@@ -16,32 +16,34 @@ from absl import flags
 from lcm_jax import cli
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", None, "A diffusers pipeline folder (or hub id): its VAE, text encoder and tokenizer.")
-flags.DEFINE_string("data_path", "", "The data: a folder, file, glob, brace pattern or URL (gs://...); "
-                    "for tfds, the dataset name unless --tfds_name is given.")
-flags.DEFINE_enum("data_format", "wds", ["wds", "imagefolder", "tfds"], "Format of the data.")
-flags.DEFINE_integer("resolution", None, "Image side R: shorter side resized to R (bilinear), centre crop R x R.")
-flags.DEFINE_string("output", None, "Folder for the cache (latents-*.array_record, metadata.json).")
-flags.DEFINE_integer("batch_size", 8, "Images encoded per jitted call.")
-flags.DEFINE_integer("shard_size", 10000, "Records per ArrayRecord shard.")
-flags.DEFINE_enum("dtype", "float32", ["float32", "float16"], "Stored dtype (float16 halves the cache).")
-flags.DEFINE_bool("overwrite", False, "Replace a cache already in --output.")
-flags.DEFINE_string("image_key", "", "wds: image extensions in order of preference (default jpg,jpeg,png,webp); "
-                    "tfds: image feature (default image).")
-flags.DEFINE_string("caption_key", "", "wds: caption extension (default txt); imagefolder: metadata column "
-                    "(default text); tfds: caption feature (default caption).")
-flags.DEFINE_string("tfds_name", "", "TFDS dataset name (tfds format).")
-flags.DEFINE_string("tfds_split", "train", "TFDS split (tfds format).")
-flags.DEFINE_string("data_dir", "", "TFDS data_dir (tfds format; default: TFDS's).")
-flags.DEFINE_integer("read_threads", 16, "Threads reading and decoding images.")
-flags.mark_flags_as_required(["model", "resolution", "output"])
+def define_flags() -> None:
+  """The program's flags, defined when it runs (importing this module defines none)."""
+  flags.DEFINE_string("model", None, "A diffusers pipeline folder (or hub id): its VAE, text encoder and tokenizer.")
+  flags.DEFINE_string("data_path", "", "The data: a folder, file, glob, brace pattern or URL (gs://...); "
+                      "for tfds, the dataset name unless --tfds_name is given.")
+  flags.DEFINE_enum("data_format", "wds", ["wds", "imagefolder", "tfds"], "Format of the data.")
+  flags.DEFINE_integer("resolution", None, "Image side R: shorter side resized to R (bilinear), centre crop R x R.")
+  flags.DEFINE_string("output", None, "Folder for the cache (latents-*.array_record, metadata.json).")
+  flags.DEFINE_integer("batch_size", 8, "Images encoded per jitted call.")
+  flags.DEFINE_integer("shard_size", 10000, "Records per ArrayRecord shard.")
+  flags.DEFINE_enum("dtype", "float32", ["float32", "float16"], "Stored dtype (float16 halves the cache).")
+  flags.DEFINE_bool("overwrite", False, "Replace a cache already in --output.")
+  flags.DEFINE_string("image_key", "", "wds: image extensions in order of preference (default jpg,jpeg,png,webp); "
+                      "tfds: image feature (default image).")
+  flags.DEFINE_string("caption_key", "", "wds: caption extension (default txt); imagefolder: metadata column "
+                      "(default text); tfds: caption feature (default caption).")
+  flags.DEFINE_string("tfds_name", "", "TFDS dataset name (tfds format).")
+  flags.DEFINE_string("tfds_split", "train", "TFDS split (tfds format).")
+  flags.DEFINE_string("data_dir", "", "TFDS data_dir (tfds format; default: TFDS's).")
+  flags.DEFINE_integer("read_threads", 16, "Threads reading and decoding images.")
+  flags.mark_flags_as_required(["model", "resolution", "output"])
 
 
 def main(argv: list[str]) -> None:
   del argv
   from lcm_jax.data.cache import cache_latents, existing_cache_files
-  from lcm_jax.data.pipeline import image_source, resolve_data_config
-  from lcm_jax.pipeline import load_pipeline
+  from lcm_jax.data.loader import image_source, resolve_data_config
+  from lcm_jax.load import load_pipeline
   config = resolve_data_config(dict(
       path=FLAGS.data_path, format=FLAGS.data_format, image_key=FLAGS.image_key, caption_key=FLAGS.caption_key,
       tfds_name=FLAGS.tfds_name, tfds_split=FLAGS.tfds_split, data_dir=FLAGS.data_dir,
@@ -63,4 +65,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   cli.run(main)

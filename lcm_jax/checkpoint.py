@@ -1,20 +1,16 @@
-"""A training run's workdir: Orbax checkpoints, preemption, and models read back out of it.
+"""Orbax checkpoints of a training run: the train state, the data iterator's position, preemption.
 
-Layout of a workdir (written by `python -m lcm_jax.train`):
+A checkpoint folder (`WORKDIR/checkpoints/`, see `lcm_jax.workdir`) holds one Orbax step
+folder per saved step, with these items:
 
-    WORKDIR/
-      config.json              the run's config (also inside every checkpoint)
-      model/                   a diffusers `LatentConsistencyModelPipeline` folder without UNet
-                               weights: model_index.json, unet/config.json (with
-                               time_cond_proj_dim), scheduler/ (LCMScheduler), and the base
-                               pipeline's vae/, text_encoder/, tokenizer/ (hard links or copies)
-      checkpoints/<step>/      Orbax: params, target_params (EMA), train (step, rng, optimiser
-                               state), config (JSON), data (the data iterator, one file per process)
-      samples/step_XXXXXXX.png sample grids
-      events.out.tfevents.*    TensorBoard
+    params          the student (online) UNet parameters
+    target_params   the EMA target theta- (what sampling and export use by default)
+    train           step, rng and the optimiser state
+    config          the run's config (JSON)
+    data            the data iterator's state, one file per process
 
-`pipeline_from_workdir(workdir)` turns a workdir into a whole `lcm_jax.pipeline.Pipeline` (UNet
-from the latest checkpoint), which `lcm_jax.pipeline.save_pipeline` writes as a diffusers folder.
+The UNets are items of their own so that sampling and export read one of them without the
+optimiser state. This module knows nothing of the rest of a workdir.
 """
 
 from __future__ import annotations
@@ -22,35 +18,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import signal
 from collections.abc import Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
 from lcm_jax.errors import LcmJaxError
-from lcm_jax.pipeline import read_json
 
-CHECKPOINT_DIR = "checkpoints"
-MODEL_DIR = "model"
-# Extra facts about model/ that diffusers does not need (it ignores unknown files).
-MODEL_INFO_FILE = "lcm_jax.json"
-PARAMS_CHOICES = {"ema": "target_params", "online": "params"}
-# Checkpoint items holding arrays. The UNets are items of their own, so that sampling and
-# export read one of them without the optimiser state.
+# Checkpoint items holding arrays.
 STATE_ITEMS = ("params", "target_params", "train")
-
-# LCMScheduler's constructor arguments: the keys its scheduler_config.json may carry.
-LCM_SCHEDULER_KEYS = (
-    "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
-    "original_inference_steps", "clip_sample", "clip_sample_range", "set_alpha_to_one",
-    "steps_offset", "prediction_type", "thresholding", "dynamic_thresholding_ratio",
-    "sample_max_value", "timestep_spacing", "timestep_scaling", "rescale_betas_zero_snr")
+# The UNet items by the names users choose them with.
+PARAMS_CHOICES = {"ema": "target_params", "online": "params"}
 
 
 # ---------------------------------------------------------------------------------------
@@ -104,12 +86,8 @@ class DataIteratorRestore(ocp.args.CheckpointArgs):
 # ---------------------------------------------------------------------------------------
 # Saving and restoring the train state.
 
-def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(workdir, CHECKPOINT_DIR)
-
-
-def make_manager(workdir: str, keep: int = 3, *, read_only: bool = False) -> ocp.CheckpointManager:
-  """An async Orbax `CheckpointManager` on `workdir/checkpoints` that keeps the last `keep`."""
+def make_manager(directory: str, keep: int = 3, *, read_only: bool = False) -> ocp.CheckpointManager:
+  """An async Orbax `CheckpointManager` on the checkpoint folder `directory` that keeps the last `keep`."""
   if read_only:  # the options Orbax would otherwise reset, warning about each
     options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0,
                                            max_to_keep=None, enable_async_checkpointing=False)
@@ -121,18 +99,35 @@ def make_manager(workdir: str, keep: int = 3, *, read_only: bool = False) -> ocp
   if read_only:
     logging.set_verbosity(logging.ERROR)  # Orbax warns that a read-only manager is read-only
   try:
-    return ocp.CheckpointManager(os.path.abspath(checkpoint_dir(workdir)), options=options, item_handlers=handlers)
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_handlers=handlers)
   finally:
     logging.set_verbosity(verbosity)
 
 
-def latest_step(workdir: str) -> int | None:
-  """The step of the newest finished checkpoint in `workdir`, or None."""
-  if not os.path.isdir(checkpoint_dir(workdir)):
+def latest_step(directory: str) -> int | None:
+  """The step of the newest finished checkpoint in the checkpoint folder `directory`, or None."""
+  if not os.path.isdir(directory):
     return None
-  manager = make_manager(workdir, read_only=True)
+  manager = make_manager(directory, read_only=True)
   try:
     return manager.latest_step()
+  finally:
+    manager.close()
+
+
+def restore_params(directory: str, abstract_params: Any, params: str = "ema", step: int | None = None) -> Any:
+  """One UNet item ("ema": the EMA target, "online": the student) of the latest (or `step`)
+  checkpoint in `directory`, restored into `abstract_params`' shapes, dtypes and shardings
+  (a tree of `jax.ShapeDtypeStruct` with `.sharding`), without reading the optimiser state."""
+  if params not in PARAMS_CHOICES:
+    raise LcmJaxError(f"params must be one of {', '.join(PARAMS_CHOICES)}, got {params!r}")
+  manager = make_manager(directory, read_only=True)
+  try:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise LcmJaxError(f"{directory} has no finished checkpoint yet")
+    item = PARAMS_CHOICES[params]
+    return manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(abstract_params)}))[item]
   finally:
     manager.close()
 
@@ -217,127 +212,3 @@ class PreemptionWatcher:
     for s, handler in self._previous.items():
       signal.signal(s, handler)
     return False
-
-
-# ---------------------------------------------------------------------------------------
-# The model folder of a workdir.
-
-def lcm_scheduler_config(base: Mapping[str, Any], *, original_inference_steps: int,
-                         timestep_scaling: float) -> dict:
-  """An `LCMScheduler` scheduler_config.json from the teacher's scheduler config.
-
-  The noise schedule (betas, prediction type, ...) and every other LCMScheduler option the
-  teacher's config sets are kept, as `LCMScheduler.from_config(teacher_config)` keeps them;
-  keys LCMScheduler does not take are dropped; original_inference_steps is the number of
-  points of the skipping-step grid the model was trained on (num_train_timesteps // k).
-  """
-  config = {k: v for k, v in base.items() if k in LCM_SCHEDULER_KEYS}
-  config.update(_class_name="LCMScheduler", original_inference_steps=int(original_inference_steps),
-                timestep_scaling=float(timestep_scaling))
-  return config
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-  # A hard link costs no space (SD's text encoder is over 1 GB); across filesystems, copy.
-  try:
-    os.link(os.path.realpath(src), dst)
-  except OSError:
-    shutil.copy2(src, dst)
-
-
-def write_model_folder(workdir: str, base_folder: str, base_model_index: Mapping[str, Any],
-                       unet_config: Mapping[str, Any], scheduler_config: Mapping[str, Any],
-                       info: Mapping[str, Any]) -> str:
-  """Writes `workdir/model/`: everything of the trained pipeline except the UNet weights.
-
-  Args:
-    base_folder: the local diffusers folder whose vae/, text_encoder/ and tokenizer/ the
-      model uses (the teacher's).
-    base_model_index: its model_index.json.
-    unet_config: the student's unet/config.json (with time_cond_proj_dim).
-    scheduler_config: the LCMScheduler config (`lcm_scheduler_config`).
-    info: extra facts kept in model/lcm_jax.json (e.g. the weights variant, the teacher).
-  Returns:
-    the folder's path.
-  """
-  out = os.path.join(workdir, MODEL_DIR)
-  os.makedirs(out, exist_ok=True)
-  for component in ("vae", "text_encoder", "tokenizer"):
-    src, dst = os.path.join(base_folder, component), os.path.join(out, component)
-    if os.path.isdir(dst):
-      shutil.rmtree(dst)
-    shutil.copytree(src, dst, copy_function=_link_or_copy)
-  index = {k: v for k, v in base_model_index.items() if k.startswith("_")}
-  index.update({name: list(base_model_index[name]) for name in ("vae", "text_encoder", "tokenizer")})
-  # Components the LCM pipeline may take but we do not carry (the safety checker would need
-  # the base pipeline's weights): null, so diffusers builds the pipeline without them.
-  index.update(_class_name="LatentConsistencyModelPipeline", unet=["diffusers", "UNet2DConditionModel"],
-               scheduler=["diffusers", "LCMScheduler"], safety_checker=[None, None],
-               feature_extractor=[None, None], requires_safety_checker=False)
-  for sub, name, content in (("", "model_index.json", index), ("unet", "config.json", unet_config),
-                             ("scheduler", "scheduler_config.json", scheduler_config),
-                             ("", MODEL_INFO_FILE, info)):
-    os.makedirs(os.path.join(out, sub), exist_ok=True)
-    with open(os.path.join(out, sub, name), "w") as f:
-      json.dump(dict(content), f, indent=2, sort_keys=True)
-  return out
-
-
-def is_workdir(path: str) -> bool:
-  """True if `path` looks like a training workdir (has model/ and checkpoints/)."""
-  return (os.path.isdir(os.path.join(path, CHECKPOINT_DIR))
-          and os.path.isfile(os.path.join(path, MODEL_DIR, "unet", "config.json")))
-
-
-def load_workdir_unet(workdir: str, params: str = "ema", step: int | None = None,
-                      dtype=jnp.float32) -> tuple[dict, dict]:
-  """The student UNet of a workdir's latest (or `step`) checkpoint.
-
-  Args:
-    params: "ema" (the EMA target theta-, what the paper samples with) or "online" (the
-      student the optimiser updates).
-    dtype: the dtype of the returned parameters (restored on the first local device).
-  Returns:
-    (unet config dict with time_cond_proj_dim, parameter tree).
-  Raises:
-    LcmJaxError if `workdir` is not a workdir or has no checkpoint.
-  """
-  from lcm_jax.pipeline import abstract_params, build_module
-  if params not in PARAMS_CHOICES:
-    raise LcmJaxError(f"params must be one of {', '.join(PARAMS_CHOICES)}, got {params!r}")
-  if not is_workdir(workdir):
-    raise LcmJaxError(f"{workdir} is not a training workdir (no {MODEL_DIR}/unet/config.json "
-                      f"and {CHECKPOINT_DIR}/)")
-  config = read_json(os.path.join(workdir, MODEL_DIR, "unet", "config.json"))
-  manager = make_manager(workdir, read_only=True)
-  try:
-    step = manager.latest_step() if step is None else step
-    if step is None:
-      raise LcmJaxError(f"{workdir} has no finished checkpoint yet")
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype, sharding=device),
-                            abstract_params(build_module("unet", config)))
-    item = PARAMS_CHOICES[params]
-    restored = manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(abstract)}))
-  finally:
-    manager.close()
-  return config, restored[item]
-
-
-def pipeline_from_workdir(workdir: str, params: str = "ema", step: int | None = None, *,
-                          dtype=jnp.float32, param_dtype=jnp.float32):
-  """A whole `lcm_jax.pipeline.Pipeline` from a workdir: the checkpoint's UNet ("ema" or
-  "online" parameters) with the workdir's model/ (VAE, text encoder, tokenizer, LCMScheduler
-  config). `save_pipeline` writes it as a folder that diffusers'
-  `LatentConsistencyModelPipeline.from_pretrained` loads.
-  """
-  from lcm_jax.pipeline import build_module, load_pipeline
-  unet_config, unet_params = load_workdir_unet(workdir, params, step, dtype=param_dtype)
-  folder = os.path.join(workdir, MODEL_DIR)
-  info = read_json(os.path.join(folder, MODEL_INFO_FILE))
-  pipe = load_pipeline(folder, dtype=dtype, param_dtype=param_dtype, variant=info.get("variant") or None,
-                       components=("vae", "text_encoder", "tokenizer", "scheduler"))
-  pipe.unet = build_module("unet", unet_config, dtype=dtype, param_dtype=param_dtype)
-  pipe.params["unet"] = unet_params
-  pipe.configs["unet"] = unet_config
-  return pipe

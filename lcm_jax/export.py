@@ -14,18 +14,21 @@ from absl import flags
 from lcm_jax import cli
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", None, "Source: a diffusers pipeline folder, a Hugging Face Hub repo id, or a "
-                    "training workdir (its latest checkpoint, written for LatentConsistencyModelPipeline).")
-flags.DEFINE_string("output", None, "Destination folder (created; existing files are overwritten).")
-flags.DEFINE_enum("dtype", "fp32", ["fp32", "fp16", "bf16"], "Dtype of the written weights.")
-flags.DEFINE_string("variant", None, "Weights variant of the source, e.g. fp16.")
-flags.DEFINE_enum("params", "ema", ["ema", "online"], "For a workdir: the EMA target (default) or the student.")
-flags.mark_flags_as_required(["model", "output"])
+def define_flags() -> None:
+  """The program's flags, defined when it runs (importing this module defines none)."""
+  flags.DEFINE_string("model", None, "Source: a diffusers pipeline folder, a Hugging Face Hub repo id, or a "
+                      "training workdir (its latest checkpoint, written for LatentConsistencyModelPipeline).")
+  flags.DEFINE_string("output", None, "Destination folder (created; existing files are overwritten).")
+  flags.DEFINE_enum("dtype", "fp32", ["fp32", "fp16", "bf16"], "Dtype of the written weights.")
+  flags.DEFINE_string("variant", None, "Weights variant of the source, e.g. fp16.")
+  flags.DEFINE_enum("params", "ema", ["ema", "online"], "For a workdir: the EMA target (default) or the student.")
+  flags.mark_flags_as_required(["model", "output"])
 
 
 def main(argv: list[str]) -> None:
   del argv
-  from lcm_jax.pipeline import load_pipeline, save_pipeline
+  from lcm_jax.load import load_pipeline
+  from lcm_jax.sd_pipeline import save_pipeline
   start = time.perf_counter()
   print(f"loading {FLAGS.model} ...", flush=True)
   pipe = load_pipeline(FLAGS.model, variant=FLAGS.variant, params=FLAGS.params)
@@ -35,4 +38,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   cli.run(main)

@@ -2,7 +2,7 @@
 latent consistency fine-tuning (LCF, Algorithm 4), as pure functions of parameters, a batch
 and random draws.
 
-Conventions (see REFERENCE.md):
+Conventions (docs/conventions.md, sections 4-11):
 * omega is the paper's guidance weight, eps_tilde = (1 + omega) eps(c) - omega eps(empty);
   a diffusers guidance_scale g is omega + 1. The student sees omega through
   `guidance_embedding(omega)`, as diffusers' `LatentConsistencyModelPipeline` feeds it
@@ -28,8 +28,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lcm_jax.consistency import SIGMA_DATA, TIMESTEP_SCALING, consistency_output, guidance_embedding, \
-    skipping_step_timesteps
+from lcm_jax.consistency import (
+  SIGMA_DATA,
+  TIMESTEP_SCALING,
+  consistency_output,
+  guidance_embedding,
+  skipping_step_timesteps,
+)
 from lcm_jax.errors import LcmJaxError
 from lcm_jax.schedule import Schedule, alpha_sigma, broadcast_to, to_x0_eps
 from lcm_jax.solvers import SOLVERS

@@ -31,27 +31,29 @@ SAMPLERS = ("lcm", "ddim", "dpm_solver", "dpm_solver_pp")
 DTYPES = ("fp32", "bf16")
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", None, "A diffusers Stable Diffusion / LCM pipeline folder, a Hugging Face Hub repo id, "
-                    "or a `python -m lcm_jax.train` workdir (its latest checkpoint).")
-flags.DEFINE_string("params", "ema", "For a workdir: the EMA target ('ema', default) or the student ('online').")
-flags.DEFINE_multi_string("prompt", None, "A prompt; repeat the flag for several.")
-flags.DEFINE_string("prompts_file", None, "A text file with one prompt a line (blank lines are skipped).")
-flags.DEFINE_string("negative_prompt", "", "Unconditional prompt of the teacher samplers' classifier-free guidance "
-                    "(LCM ignores it: LCD distils guidance against the empty prompt).")
-flags.DEFINE_string("sampler", "lcm", f"One of {', '.join(SAMPLERS)}. dpm_solver / dpm_solver_pp are diffusers' "
-                    "DPMSolverMultistepScheduler with algorithm_type dpmsolver / dpmsolver++.")
-flags.DEFINE_integer("steps", 4, "Sampler steps (LCM: at most the scheduler's original_inference_steps, 50).")
-flags.DEFINE_float("guidance_scale", 8.5, "diffusers' guidance scale g. LCM embeds w = g - 1 (needs a UNet with "
-                   "time_cond_proj_dim); the teacher samplers run classifier-free guidance when g > 1.")
-flags.DEFINE_integer("seed", 0, "Random seed of the initial latents and of LCM's re-noising noise.")
-flags.DEFINE_integer("height", None, "Image height in pixels, a multiple of the VAE factor (8 for SD); "
-                     "default: the UNet's sample_size times that factor.")
-flags.DEFINE_integer("width", None, "Image width in pixels (as --height).")
-flags.DEFINE_integer("batch_size", 1, "Images per batch (one compiled function per batch size).")
-flags.DEFINE_string("latents", None, "A .npy of float32 initial latents [num_prompts, C, H/f, W/f] (diffusers' "
-                    "NCHW layout), instead of drawing them from --seed.")
-flags.DEFINE_string("dtype", "fp32", f"Compute and weight dtype: {' or '.join(DTYPES)}.")
-flags.DEFINE_string("output", None, "Folder for the PNGs (created if missing; files are overwritten).")
+def define_flags() -> None:
+  """The program's flags, defined when it runs (importing this module defines none)."""
+  flags.DEFINE_string("model", None, "A diffusers Stable Diffusion / LCM pipeline folder, a Hugging Face Hub repo id, "
+                      "or a `python -m lcm_jax.train` workdir (its latest checkpoint).")
+  flags.DEFINE_string("params", "ema", "For a workdir: the EMA target ('ema', default) or the student ('online').")
+  flags.DEFINE_multi_string("prompt", None, "A prompt; repeat the flag for several.")
+  flags.DEFINE_string("prompts_file", None, "A text file with one prompt a line (blank lines are skipped).")
+  flags.DEFINE_string("negative_prompt", "", "Unconditional prompt of the teacher samplers' classifier-free guidance "
+                      "(LCM ignores it: LCD distils guidance against the empty prompt).")
+  flags.DEFINE_string("sampler", "lcm", f"One of {', '.join(SAMPLERS)}. dpm_solver / dpm_solver_pp are diffusers' "
+                      "DPMSolverMultistepScheduler with algorithm_type dpmsolver / dpmsolver++.")
+  flags.DEFINE_integer("steps", 4, "Sampler steps (LCM: at most the scheduler's original_inference_steps, 50).")
+  flags.DEFINE_float("guidance_scale", 8.5, "diffusers' guidance scale g. LCM embeds w = g - 1 (needs a UNet with "
+                     "time_cond_proj_dim); the teacher samplers run classifier-free guidance when g > 1.")
+  flags.DEFINE_integer("seed", 0, "Random seed of the initial latents and of LCM's re-noising noise.")
+  flags.DEFINE_integer("height", None, "Image height in pixels, a multiple of the VAE factor (8 for SD); "
+                       "default: the UNet's sample_size times that factor.")
+  flags.DEFINE_integer("width", None, "Image width in pixels (as --height).")
+  flags.DEFINE_integer("batch_size", 1, "Images per batch (one compiled function per batch size).")
+  flags.DEFINE_string("latents", None, "A .npy of float32 initial latents [num_prompts, C, H/f, W/f] (diffusers' "
+                      "NCHW layout), instead of drawing them from --seed.")
+  flags.DEFINE_string("dtype", "fp32", f"Compute and weight dtype: {' or '.join(DTYPES)}.")
+  flags.DEFINE_string("output", None, "Folder for the PNGs (created if missing; files are overwritten).")
 
 
 def read_prompts() -> list[str]:
@@ -80,19 +82,6 @@ def read_latents(path: str):
     return np.load(path, allow_pickle=False)
   except (OSError, ValueError) as e:
     raise LcmJaxError(f"cannot read --latents {path} as a .npy array: {e}") from None
-
-
-def image_grid(images):
-  """uint8 [N, H, W, 3] -> one uint8 [rows H, cols W, 3] image, cols = ceil(sqrt(N)), row-major;
-  empty cells are black."""
-  n, h, w, c = images.shape
-  cols = math.ceil(math.sqrt(n))
-  rows = math.ceil(n / cols)
-  grid = np.zeros((rows * h, cols * w, c), np.uint8)
-  for i, image in enumerate(images):
-    r, k = divmod(i, cols)
-    grid[r * h:(r + 1) * h, k * w:(k + 1) * w] = image
-  return grid
 
 
 def check_flags() -> None:
@@ -125,11 +114,11 @@ def main(argv: list[str]) -> None:
 
   # Imported after the cheap checks: JAX and the models take seconds to import.
   import jax.numpy as jnp
-  from PIL import Image
   from tqdm import tqdm
 
   from lcm_jax import text_to_image
-  from lcm_jax.pipeline import load_pipeline
+  from lcm_jax.figures import image_grid, save_png
+  from lcm_jax.load import load_pipeline
   assert SAMPLERS == text_to_image.SAMPLERS
 
   dtype = {"fp32": jnp.float32, "bf16": jnp.bfloat16}[FLAGS.dtype]
@@ -177,8 +166,8 @@ def main(argv: list[str]) -> None:
   images = np.stack(images)
   width_digits = max(3, len(str(n - 1)))
   for i, image in enumerate(images):
-    Image.fromarray(image).save(os.path.join(FLAGS.output, f"{i:0{width_digits}d}.png"))
-  Image.fromarray(image_grid(images)).save(os.path.join(FLAGS.output, "grid.png"))
+    save_png(os.path.join(FLAGS.output, f"{i:0{width_digits}d}.png"), image)
+  save_png(os.path.join(FLAGS.output, "grid.png"), image_grid(images))
   batches = math.ceil(n / batch)
   print(f"compile time {t2i.compile_seconds:.2f}s; after compilation {run_seconds / n:.3f}s per image "
         f"({run_seconds / batches:.3f}s per batch of {batch}, padding included)")
@@ -186,4 +175,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   cli.run(main)

@@ -29,8 +29,14 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from lcm_jax.schedule import (Schedule, alpha_sigma, alpha_sigma_from_lambda, broadcast_to,
-                              inverse_lambda, lambda_t)
+from lcm_jax.schedule import (
+  Schedule,
+  alpha_sigma,
+  alpha_sigma_from_lambda,
+  broadcast_to,
+  inverse_lambda,
+  lambda_t,
+)
 
 ModelFn = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 

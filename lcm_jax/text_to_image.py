@@ -51,7 +51,12 @@ import numpy as np
 from lcm_jax.consistency import guidance_embedding
 from lcm_jax.errors import LcmJaxError
 from lcm_jax.models.vae import AutoencoderKL
-from lcm_jax.samplers import INIT_NOISE_SIGMA, ddim_sample, dpm_solver_sample, lcm_sample
+from lcm_jax.samplers import (
+  INIT_NOISE_SIGMA,
+  ddim_sample,
+  dpm_solver_sample,
+  lcm_sample,
+)
 from lcm_jax.schedule import Schedule, schedule_from_config
 from lcm_jax.tokenizer import tokenize
 
@@ -68,7 +73,7 @@ DEFAULT_GUIDANCE_SCALE = 8.5  # LatentConsistencyModelPipeline's default (w = 7.
 def vae_scale_factor(pipe) -> int:
   """The VAE's spatial downsampling factor, 2 ** (len(block_out_channels) - 1) as diffusers
   computes it: 8 for Stable Diffusion, 2 for the tests' tiny VAE."""
-  return 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+  return pipe.vae.config.downsampling_factor
 
 
 def default_size(pipe) -> tuple[int, int]:
@@ -210,7 +215,7 @@ class TextToImage:
   """Prompts -> images with one pipeline; caches one compiled function per configuration.
 
   Attributes:
-    pipe: the `lcm_jax.pipeline.Pipeline` (needs unet, vae, text_encoder, tokenizer, scheduler).
+    pipe: the `lcm_jax.sd_pipeline.Pipeline` (needs unet, vae, text_encoder, tokenizer, scheduler).
     schedule: `schedule_from_config(pipe.scheduler_config)`.
     compile_seconds: total time spent compiling (sampler functions and text-encoder warm-up).
     traces: how many times a sampler function was traced (one per compiled configuration).

@@ -14,7 +14,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_pipeline(tmp_path_factory):
   """A function flavour -> path of a tiny diffusers pipeline folder (built on first use)."""
-  from tests.pipelines import save_tiny_pipeline
+  from tests.helpers.tiny_models import save_tiny_pipeline
   root = tmp_path_factory.mktemp("pipelines")
   built: dict[str, str] = {}
 

@@ -26,7 +26,7 @@ from lcm_jax import weights
 from lcm_jax.errors import LcmJaxError, UnsupportedConfigError
 from lcm_jax.models import clip
 from lcm_jax.tokenizer import load_tokenizer, tokenize
-from tests import tiny_clip
+from tests.helpers import max_error, perturb_, tiny_clip
 
 PROMPTS = [
     "a red circle on a blue background",
@@ -37,15 +37,10 @@ PROMPTS = [
 ]
 
 
-def perturb_(model: torch.nn.Module, seed: int) -> None:
-  """Moves every parameter well away from its initial value, in place."""
-  g = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      # Layer norms start at scale 1 / bias 0; the rest is small, so give it enough spread
-      # for the attention to be far from uniform.
-      scale = 0.3 if "layer_norm" in name else 0.1
-      p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+def perturbation_std(name: str, p) -> float:
+  # Layer norms start at scale 1 / bias 0; the rest is small, so give it enough spread for
+  # the attention to be far from uniform.
+  return 0.3 if "layer_norm" in name else 0.1
 
 
 def build_pair(hidden_act: str, legacy_eos: bool, seed: int = 0, dtype=jnp.float32):
@@ -62,7 +57,7 @@ def build_pair(hidden_act: str, legacy_eos: bool, seed: int = 0, dtype=jnp.float
 def tiny_transformers_model(config, seed: int):
   import transformers
   model = transformers.CLIPTextModel(config).eval()
-  perturb_(model, seed)
+  perturb_(model, seed, perturbation_std)
   return model
 
 
@@ -97,12 +92,6 @@ def reference_outputs(model, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   with torch.no_grad():
     out = model(torch.from_numpy(ids.astype(np.int64)))
   return out.last_hidden_state.numpy(), out.pooler_output.numpy()
-
-
-def max_error(ours, reference) -> tuple[float, float]:
-  """(max abs error, the bound's scale max(1, max|reference|))."""
-  ours = np.asarray(ours, dtype=np.float32)
-  return float(np.abs(ours - reference).max()), max(1.0, float(np.abs(reference).max()))
 
 
 # (hidden_act, legacy eos_token_id=2, pad token): SD 1.x's and SD 2.x's encoders as their

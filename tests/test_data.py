@@ -20,13 +20,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lcm_jax.data import default_data_config, make_train_data
+from lcm_jax.data import default_data_config, make_train_data, sources
 from lcm_jax.data import latents as latents_lib
-from lcm_jax.data import sources
 from lcm_jax.errors import LcmJaxError
 
 R = 16  # training resolution in these tests
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import REPO  # noqa: E402
 
 # Sizes (w, h): landscape, portrait, square, odd, smaller than R (upsampled), already R wide.
 SIZES = [(40, 24), (24, 40), (20, 20), (33, 21), (12, 9), (16, 30), (50, 17)]
@@ -146,7 +145,7 @@ def write_imagefolder(folder: str) -> dict:
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
   from lcm_jax.tokenizer import load_tokenizer
-  from tests import tiny_clip
+  from tests.helpers import tiny_clip
   folder = str(tmp_path_factory.mktemp("tokenizer"))
   tiny_clip.write_tiny_tokenizer(folder)
   return load_tokenizer(folder)
@@ -481,7 +480,7 @@ def test_tfds_with_mock_data(tokenizer):
 @pytest.fixture(scope="module")
 def latent_cache(tiny_pipeline, imagefolder, tmp_path_factory):
   from lcm_jax.data.cache import cache_latents
-  from lcm_jax.pipeline import load_pipeline
+  from lcm_jax.load import load_pipeline
   folder, _ = imagefolder
   path = tiny_pipeline("sd1")
   pipe = load_pipeline(path, components=("vae", "text_encoder", "tokenizer"))
@@ -502,6 +501,7 @@ def read_cache(output: str) -> list[tuple[dict, str]]:
 
 def test_latent_cache_holds_the_vae_posterior_and_text_states(latent_cache, imagefolder):
   import jax.numpy as jnp
+
   from lcm_jax.models.vae import AutoencoderKL
   from lcm_jax.tokenizer import tokenize
   pipe, output, metadata = latent_cache

@@ -1,6 +1,6 @@
 """LCD and LCF against an independent PyTorch re-derivation on diffusers UNets.
 
-The reference below follows REFERENCE.md and diffusers' `train_lcm_distill_sd_wds.py`
+The reference below follows docs/conventions.md (sections 8-11) and diffusers' `train_lcm_distill_sd_wds.py`
 step by step with diffusers' own pieces (the scheduler's alphas_cumprod, LCMScheduler's
 boundary scalings, the LCM pipeline's guidance embedding, DDIMSolver's alphas_cumprod_prev),
 on torch UNets holding the same weights as our Flax ones, with the same fixed random draws.
@@ -19,9 +19,10 @@ import pytest
 import torch
 
 from lcm_jax import losses, weights
-from lcm_jax.pipeline import abstract_params, build_module
 from lcm_jax.schedule import schedule_from_config
-from tests.pipelines import perturb_, unet_kwargs
+from lcm_jax.sd_pipeline import abstract_params, build_module
+from tests.helpers import perturb_
+from tests.helpers.tiny_models import unet_kwargs
 
 B, L, D = 2, 6, 32
 K = 20
@@ -41,7 +42,7 @@ class Setup:
     missing, unexpected = self.student.load_state_dict(self.teacher.state_dict(), strict=False)
     assert missing == ["time_embedding.cond_proj.weight"] and not unexpected
     self.target = copy.deepcopy(self.student)
-    perturb_(self.target, 2, scale=0.02)  # the EMA target differs from the online student
+    perturb_(self.target, 2, std=0.02)  # the EMA target differs from the online student
     self.scheduler = diffusers.DDIMScheduler(prediction_type=prediction_type, **SCHED)
     self.schedule = schedule_from_config(dict(self.scheduler.config))
 
@@ -373,7 +374,7 @@ def test_lcd_step_sharded_on_8_devices_equals_one_device():
   import sys
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-m", "tests.sharded_lcd_check"], cwd=repo, env=env,
+  proc = subprocess.run([sys.executable, "-m", "tests.helpers.sharded_lcd_check"], cwd=repo, env=env,
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(proc.stdout.split("RESULT ", 1)[1])

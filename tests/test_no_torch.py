@@ -4,22 +4,19 @@ import os
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import REPO  # noqa: E402
 
 # Command-line programs: each runs `--help` in its own process with torch blocked.
-CLIS = ("lcm_jax.export", "lcm_jax.sample", "lcm_jax.train", "lcm_jax.cache_latents", "lcm_jax.evaluate",
-        "lcm_jax.demo", "lcm_jax.toy.teacher")
+CLIS = ("lcm_jax.export", "lcm_jax.sample", "lcm_jax.train", "lcm_jax.cache_latents", "lcm_jax.toy.evaluate",
+        "lcm_jax.toy.demo", "lcm_jax.toy.teacher")
 
 SCRIPT = f"CLIS = {CLIS!r}\n" + r"""
 import importlib, pkgutil, sys
 sys.modules["torch"] = None            # any `import torch` now raises ImportError
 import lcm_jax
 for m in pkgutil.walk_packages(lcm_jax.__path__, "lcm_jax."):
-  # Benchmarks compare against PyTorch on purpose; command-line modules define absl flags
-  # (two define --model) and are checked one per process below.
-  if m.name.startswith("lcm_jax.bench") or m.name in CLIS:
-    continue
-  importlib.import_module(m.name)
+  if not m.name.startswith("lcm_jax.bench"):  # benchmarks compare against PyTorch on purpose
+    importlib.import_module(m.name)
 # and a real computation: load a tiny pipeline folder and run its text encoder and UNet
 import jax.numpy as jnp
 pipe = lcm_jax.load_pipeline(sys.argv[1])

@@ -18,9 +18,10 @@ import transformers
 
 from lcm_jax import weights
 from lcm_jax.errors import LcmJaxError, UnsupportedConfigError, WeightsError
+from lcm_jax.load import load_pipeline
 from lcm_jax.models.vae import AutoencoderKL
-from lcm_jax.pipeline import load_pipeline, save_pipeline
 from lcm_jax.safetensors_io import SafetensorsFile
+from lcm_jax.sd_pipeline import save_pipeline
 
 UNET_FILE = os.path.join("unet", "diffusion_pytorch_model.safetensors")
 VAE_FILE = os.path.join("vae", "diffusion_pytorch_model.safetensors")

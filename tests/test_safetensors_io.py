@@ -8,7 +8,11 @@ import safetensors.torch
 import torch
 
 from lcm_jax.errors import WeightsError
-from lcm_jax.safetensors_io import SafetensorsFile, ShardedSafetensors, write_safetensors
+from lcm_jax.safetensors_io import (
+  SafetensorsFile,
+  ShardedSafetensors,
+  write_safetensors,
+)
 
 
 def _arrays():

@@ -23,15 +23,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, LatentConsistencyModelPipeline,
-                       LCMScheduler, StableDiffusionPipeline)
+from diffusers import (
+  DDIMScheduler,
+  DPMSolverMultistepScheduler,
+  LatentConsistencyModelPipeline,
+  LCMScheduler,
+  StableDiffusionPipeline,
+)
 from PIL import Image
 
 from lcm_jax import text_to_image
 from lcm_jax.errors import LcmJaxError
-from lcm_jax.pipeline import load_pipeline
+from lcm_jax.load import load_pipeline
+from tests.helpers import REPO  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["a red circle on the left", "a photo of a cat"]
 SIZE = 16  # pixels; the tiny VAE's factor is 2, so latents are 8x8
 SEED = 7

@@ -316,8 +316,8 @@ def test_guidance_embedding_reference_values():
   got = np.asarray(consistency.guidance_embedding(jnp.asarray([7.5]), 256))[0, :4]
   # diffusers' float32 output (torch 2.13, CPU) for w = 7.5, and ours:
   np.testing.assert_allclose(got, [-0.85123587, 0.8421312, 0.01187626, 0.9923768], atol=2e-7)
-  # REFERENCE.md's [-0.85124, 0.84223, 0.01182, 0.99238] are the float64 values of the
-  # formula; float32 arguments (up to 7500 rad) move entries 1 and 2 by 1e-4 and 6e-5.
+  # The formula in float64 (docs/conventions.md, section 5) gives [-0.85124, 0.84223,
+  # 0.01182, 0.99238]; float32 arguments (up to 7500 rad) move entries 1 and 2 by 1e-4 and 6e-5.
   np.testing.assert_allclose(got, [-0.85124, 0.84223, 0.01182, 0.99238], atol=1.5e-4)
 
 

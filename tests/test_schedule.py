@@ -9,8 +9,15 @@ import pytest
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, LCMScheduler
 
 from lcm_jax.errors import UnsupportedConfigError
-from lcm_jax.schedule import (alpha_sigma, alpha_sigma_from_lambda, from_x0_eps, inverse_lambda,
-                              lambda_t, schedule_from_config, to_x0_eps)
+from lcm_jax.schedule import (
+  alpha_sigma,
+  alpha_sigma_from_lambda,
+  from_x0_eps,
+  inverse_lambda,
+  lambda_t,
+  schedule_from_config,
+  to_x0_eps,
+)
 
 # Stable Diffusion 1.5's scheduler_config.json and SD 2.1 (768)'s.
 SD15 = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
@@ -132,7 +139,7 @@ def test_conversions_table_and_round_trip(prediction_type):
   sigma = np.sqrt(1 - alpha ** 2)
   a, s = alpha[:, None, None, None], sigma[:, None, None, None]
   z = a * x0 + s * eps
-  # REFERENCE.md's table, written out in NumPy.
+  # The table of docs/conventions.md (section 3), written out in NumPy.
   out = {"epsilon": eps, "sample": x0, "v_prediction": a * eps - s * x0}[prediction_type]
   table = {"epsilon": ((z - s * out) / a, out),
            "sample": (out, (z - a * out) / s),

@@ -1,6 +1,6 @@
 """lcm_jax.solvers against independent derivations.
 
-* DDIM against REFERENCE.md's z_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev) eps on the LCD grid,
+* DDIM against docs/conventions.md's (section 9) z_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev) eps on the LCD grid,
   and against the LCM paper's eq. 18 form.
 * All three against the exact probability-flow ODE solution for data drawn from a Gaussian
   mixture, whose exact denoiser is known in closed form: the reference integrates
@@ -20,8 +20,13 @@ import pytest
 from diffusers import DDIMScheduler
 
 from lcm_jax.consistency import skipping_step_timesteps
-from lcm_jax.schedule import (Schedule, alpha_sigma, broadcast_to, inverse_lambda, lambda_t,
-                              schedule_from_config)
+from lcm_jax.schedule import (
+  Schedule,
+  alpha_sigma,
+  broadcast_to,
+  lambda_t,
+  schedule_from_config,
+)
 from lcm_jax.solvers import SOLVERS, ddim_step
 
 SD15 = {"beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,

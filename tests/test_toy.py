@@ -11,11 +11,10 @@ import sys
 import numpy as np
 import pytest
 
-from lcm_jax.toy import domain
+from lcm_jax.toy import METRIC_DIR, TEACHER_DIR, domain
+from tests.helpers import REPO  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TEACHER = os.path.join(REPO, "toy", "teacher")
-METRIC = os.path.join(REPO, "toy", "metric")
+TEACHER, METRIC = TEACHER_DIR, METRIC_DIR
 
 
 # ---------------------------------------------------------------------------------------
@@ -129,7 +128,7 @@ def test_tokenizer_makes_every_word_one_token(tmp_path):
 
 
 def test_shipped_teacher_is_small_and_loads_with_load_pipeline():
-  from lcm_jax.pipeline import load_pipeline
+  from lcm_jax.load import load_pipeline
   size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(TEACHER) for f in files)
   assert size <= 20 * 2 ** 20, f"toy/teacher is {size / 2 ** 20:.1f} MB"
   pipe = load_pipeline(TEACHER)
@@ -142,7 +141,7 @@ def test_shipped_teacher_matches_diffusers():
   """diffusers' StableDiffusionPipeline loads the folder and samples what our DDIM samples."""
   torch = pytest.importorskip("torch")
   diffusers = pytest.importorskip("diffusers")
-  from lcm_jax.pipeline import load_pipeline
+  from lcm_jax.load import load_pipeline
   from lcm_jax.text_to_image import TextToImage
   prompts = ["a red circle on the left on a blue background", "a white cross at the top on a black background"]
   latents = np.random.default_rng(0).standard_normal((2, 4, 16, 16)).astype(np.float32)
@@ -159,7 +158,7 @@ def test_shipped_teacher_draws_its_captions_with_guidance(metrics):
   """Classifier-free guidance works: with 25 DDIM steps at guidance scale 9 the attribute
   network (trained on real images only) reads the caption back from most samples, and
   without guidance (scale 1) from clearly fewer. Measured on these 60 prompts: 93% and 78%."""
-  from lcm_jax.pipeline import load_pipeline
+  from lcm_jax.load import load_pipeline
   from lcm_jax.text_to_image import TextToImage
   attrs = domain.prompt_set(60, 99)
   prompts = [a.caption for a in attrs]
@@ -210,7 +209,7 @@ def test_alignment_of_real_images_and_of_noise(metrics):
 
 
 def test_markdown_table_has_the_papers_layout():
-  from lcm_jax.evaluate import markdown_table
+  from lcm_jax.toy.evaluate import markdown_table
   results = {s: {str(k): {"fid": 10.0 / k, "alignment": 0.1 * k} for k in (1, 2, 4, 8)}
              for s in ("ddim", "dpm_solver", "dpm_solver_pp", "lcm")}
   table = markdown_table(results, list(results), [1, 2, 4, 8], {"real images": {"fid": 0.5, "alignment": 1.0}})
@@ -226,11 +225,11 @@ def test_markdown_table_has_the_papers_layout():
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-  """`python -m lcm_jax.demo` with 64 images and 2 training steps (what `make demo` runs)."""
+  """`python -m lcm_jax.toy.demo` with 64 images and 2 training steps (what `make demo` runs)."""
   root = tmp_path_factory.mktemp("demo")
   workdir, data = root / "toy", root / "data"
   result = subprocess.run(
-      [sys.executable, "-m", "lcm_jax.demo", f"--teacher={TEACHER}", f"--workdir={workdir}", f"--data={data}",
+      [sys.executable, "-m", "lcm_jax.toy.demo", f"--teacher={TEACHER}", f"--workdir={workdir}", f"--data={data}",
        "--num_images=64", "--train_flag=--config.num_train_steps=2", "--train_flag=--config.batch_size=4",
        "--train_flag=--config.log_every=1"], capture_output=True, text=True, cwd=REPO, timeout=600)
   assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
@@ -251,9 +250,9 @@ def _grid_tiles(path, rows: int, cols: int, size: int = 32, scale: int = 3, pad:
 
 def test_demo_grid_shows_the_teacher_at_50_ddim_steps_and_the_lcm(demo_run):
   from lcm_jax.checkpoint import pipeline_from_workdir
-  from lcm_jax.demo import DEMO_PROMPTS
-  from lcm_jax.pipeline import load_pipeline
+  from lcm_jax.load import load_pipeline
   from lcm_jax.text_to_image import TextToImage
+  from lcm_jax.toy.demo import DEMO_PROMPTS
   workdir = demo_run["workdir"]
   assert (workdir / "checkpoints" / "2").is_dir()
   grid_path = workdir / "demo_grid.png"
@@ -287,7 +286,7 @@ def test_lcf_on_the_shifted_colours_and_its_evaluation(demo_run):
 
   out = root / "eval"
   result = subprocess.run(
-      [sys.executable, "-m", "lcm_jax.evaluate", f"--teacher={TEACHER}", f"--lcm={lcf}", f"--output={out}",
+      [sys.executable, "-m", "lcm_jax.toy.evaluate", f"--teacher={TEACHER}", f"--lcm={lcf}", f"--output={out}",
        "--num_samples=8", "--batch_size=8", "--steps=1", "--samplers=lcm", "--domain=shifted", "--lcm_step=2",
        f"--metric={METRIC}", "--grid_prompts=4"], capture_output=True, text=True, cwd=REPO, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -304,7 +303,7 @@ def test_lcf_on_the_shifted_colours_and_its_evaluation(demo_run):
 
 
 def test_evaluate_cli_rejects_bad_input(tmp_path):
-  result = subprocess.run([sys.executable, "-m", "lcm_jax.evaluate", f"--teacher={TEACHER}",
+  result = subprocess.run([sys.executable, "-m", "lcm_jax.toy.evaluate", f"--teacher={TEACHER}",
                            f"--output={tmp_path}", "--samplers=ddim,foo"], capture_output=True, text=True, cwd=REPO)
   assert result.returncode == 2 and "unknown --samplers" in result.stderr
 

@@ -29,10 +29,12 @@ import numpy as np
 import pytest
 
 from lcm_jax import checkpoint as ckpt
-from lcm_jax import train as train_lib
-from lcm_jax.pipeline import save_pipeline
+from lcm_jax import training
+from lcm_jax import workdir as workdir_lib
+from lcm_jax.sd_pipeline import save_pipeline
+from lcm_jax.training.batches import make_batch_preparation
+from tests.helpers import REPO  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CONFIG = os.path.join(REPO, "configs", "tiny.py")
 STEPS = 4  # N: the straight run; the restarted run stops at N / 2
 PROMPTS = ["a red circle", "a blue square"]
@@ -113,11 +115,11 @@ def runs(setup, tmp_path_factory):
          "batches_straight": [], "batches_restarted": []}
   record = lambda key: (lambda step, batch: out[key].append((step, {k: np.array(v) for k, v in batch.items()})))
   start = time.perf_counter()
-  out["state_straight"] = train_lib.train(config, out["straight"], on_batch=record("batches_straight"))
-  out["state_half"] = jax.device_get(train_lib.train(config, out["restarted"], stop_after_steps=STEPS // 2,
+  out["state_straight"] = training.train(config, out["straight"], on_batch=record("batches_straight"))
+  out["state_half"] = jax.device_get(training.train(config, out["restarted"], stop_after_steps=STEPS // 2,
                                                      on_batch=record("batches_restarted")))
-  out["latest_after_stop"] = ckpt.latest_step(out["restarted"])
-  out["state_restarted"] = train_lib.train(config, out["restarted"], on_batch=record("batches_restarted"))
+  out["latest_after_stop"] = workdir_lib.latest_step(out["restarted"])
+  out["state_restarted"] = training.train(config, out["restarted"], on_batch=record("batches_restarted"))
   print(f"three runs in {time.perf_counter() - start:.1f}s")
   return out
 
@@ -146,7 +148,7 @@ def test_restart_gives_the_same_parameters_and_data_order(runs):
 
 def test_workdir_contents(runs):
   workdir = runs["straight"]
-  manager = ckpt.make_manager(workdir, read_only=True)
+  manager = ckpt.make_manager(workdir_lib.checkpoint_dir(workdir), read_only=True)
   try:
     assert list(manager.all_steps()) == [2, 4]  # checkpoint_every 2, keep 2
   finally:
@@ -164,22 +166,23 @@ def test_workdir_contents(runs):
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["num_train_steps"] == STEPS
   # The workdir's UNets are the run's: "online" the student, "ema" the target.
-  _, online = ckpt.load_workdir_unet(workdir, "online")
-  _, ema = ckpt.load_workdir_unet(workdir, "ema")
+  _, online = workdir_lib.load_unet(workdir, "online")
+  _, ema = workdir_lib.load_unet(workdir, "ema")
   leaves_equal(online, runs["state_straight"].params, atol=0)
   leaves_equal(ema, runs["state_straight"].target_params, atol=0)
 
 
 def test_a_finished_run_does_nothing_more(runs, setup):
-  state = train_lib.train(make_config(setup), runs["straight"])
+  state = training.train(make_config(setup), runs["straight"])
   assert int(state.step) == STEPS
 
 
 def test_export_runs_in_diffusers_latent_consistency_pipeline(runs, tmp_path):
   import torch
   from diffusers import LatentConsistencyModelPipeline
+
   from lcm_jax.text_to_image import TextToImage
-  pipe = ckpt.pipeline_from_workdir(runs["straight"])
+  pipe = workdir_lib.load_pipeline_from_workdir(runs["straight"])
   out = str(tmp_path / "exported")
   save_pipeline(pipe, out)
   with open(os.path.join(out, "model_index.json")) as f:
@@ -222,11 +225,11 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(setup, tmp_path):
       proc.kill()
   assert proc.returncode == 0, stderr[-2000:]
   assert "stopped at step" in stdout
-  saved = ckpt.latest_step(workdir)
+  saved = workdir_lib.latest_step(workdir)
   assert saved is not None and 1 <= saved < 100000
-  state = train_lib.train(make_config(setup, num_train_steps=saved + 1), workdir)
+  state = training.train(make_config(setup, num_train_steps=saved + 1), workdir)
   assert int(state.step) == saved + 1
-  assert ckpt.latest_step(workdir) == saved + 1
+  assert workdir_lib.latest_step(workdir) == saved + 1
 
 
 def test_bad_input_fails_before_compiling_with_one_line(setup, tmp_path):
@@ -262,10 +265,10 @@ def test_latent_cache_batches_prepare_the_same_latents_as_images(tiny_pipeline):
   stores (written by lcm_jax.data.cache's encoder) give the same latents and context for the
   same key, so latent-cache training equals on-the-fly training given the same draws."""
   from lcm_jax.data.cache import make_encoder
-  from lcm_jax.pipeline import load_pipeline
+  from lcm_jax.load import load_pipeline
   from lcm_jax.tokenizer import tokenize
   pipe = load_pipeline(tiny_pipeline("sd1"))
-  prepare = train_lib.make_batch_preparation(pipe.vae, pipe.text_encoder, pipe.vae_scaling_factor)
+  prepare = make_batch_preparation(pipe.vae, pipe.text_encoder, pipe.vae_scaling_factor)
   pixels = np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
   input_ids = tokenize(pipe.tokenizer, PROMPTS)
   frozen = {"vae": pipe.params["vae"], "text_encoder": pipe.params["text_encoder"]}
@@ -310,11 +313,11 @@ def test_tar_shard_trains_on_the_same_batches_as_the_image_folder(runs, setup, t
                                  "num_train_steps": STEPS // 2})
   assert os.path.isfile(shard)
   batches = []
-  state = train_lib.train(config, str(tmp_path / "wds_run"),
+  state = training.train(config, str(tmp_path / "wds_run"),
                           on_batch=lambda step, batch: batches.append({k: np.array(v) for k, v in batch.items()}))
   assert len(batches) == STEPS // 2
   for ours, theirs in zip(batches, [b for _, b in runs["batches_straight"]]):
     for k in ("pixels", "input_ids"):
       np.testing.assert_array_equal(ours[k], theirs[k])
   leaves_equal(state.params, runs["state_half"].params)
-  assert ckpt.latest_step(str(tmp_path / "wds_run")) == STEPS // 2
+  assert workdir_lib.latest_step(str(tmp_path / "wds_run")) == STEPS // 2

@@ -2,7 +2,7 @@
 
 References are independent: EMA and AdamW re-derived in NumPy (float64), the optimiser
 against torch.optim.AdamW + clip_grad_norm_ + diffusers' `get_scheduler`. The multi-device
-checks run in a subprocess with 8 fake CPU devices (`tests/sharded_step_check.py`).
+checks run in a subprocess with 8 fake CPU devices (`tests/helpers/sharded_step_check.py`).
 """
 
 import functools
@@ -19,13 +19,25 @@ from jax.sharding import PartitionSpec as P
 
 from lcm_jax.errors import LcmJaxError
 from lcm_jax.sharding import (
-    DEFAULT_RULES, FSDP, REPLICATED, distributed_launch_args, initialize_distributed,
-    local_batch_size, make_mesh, param_partition_specs, partition_spec_for)
+  DEFAULT_RULES,
+  FSDP,
+  REPLICATED,
+  distributed_launch_args,
+  initialize_distributed,
+  local_batch_size,
+  make_mesh,
+  param_partition_specs,
+  partition_spec_for,
+)
 from lcm_jax.train_step import (
-    create_train_state, ema_update, learning_rate_of, make_lr_schedule, make_optimizer,
-    make_train_step)
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  create_train_state,
+  ema_update,
+  learning_rate_of,
+  make_lr_schedule,
+  make_optimizer,
+  make_train_step,
+)
+from tests.helpers import REPO  # noqa: E402
 
 
 def _tree_allclose(got, want, **tol):
@@ -368,7 +380,7 @@ def test_sharded_step_matches_single_device():
   flags = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
   env["XLA_FLAGS"] = flags.strip()
   env["JAX_PLATFORMS"] = "cpu"
-  proc = subprocess.run([sys.executable, "-m", "tests.sharded_step_check"], cwd=REPO, env=env,
+  proc = subprocess.run([sys.executable, "-m", "tests.helpers.sharded_step_check"], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-6000:]}"
   report = json.loads(proc.stdout.strip().splitlines()[-1])

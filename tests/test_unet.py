@@ -10,32 +10,28 @@ from __future__ import annotations
 
 import functools
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
-import jax
-import jax.numpy as jnp
-
 from lcm_jax.errors import UnsupportedConfigError
 from lcm_jax.models.layers import timestep_embedding
 from lcm_jax.models.unet import UNet2DConditionModel, UNetConfig
-from lcm_jax.weights import flax_path_to_torch_key, flax_to_torch, torch_to_flax
+from lcm_jax.sd_pipeline import abstract_params
+from lcm_jax.weights import flax_to_torch, torch_to_flax
+from tests.helpers import (
+  fp32_error,
+  perturb_,
+  perturbation_std,
+  state_dict,
+  torch_layout_shapes,
+)
 
 diffusers = pytest.importorskip("diffusers")
 
-FP32_RTOL = 1e-4
 BATCH, TEXT_LEN, TEXT_DIM, COND_DIM = 2, 7, 32, 256
-
-
-def perturb_(module: torch.nn.Module, seed: int) -> None:
-  """Adds noise to every parameter in place: 0.1 std to vectors (norms, biases), 0.02 to
-  matrices and kernels (which PyTorch already initialises at random)."""
-  g = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for p in module.parameters():
-      std = 0.1 if p.ndim == 1 else 0.02
-      p.add_(std * torch.randn(p.shape, generator=g, dtype=p.dtype))
 
 
 def unet_kwargs(flavour: str) -> dict:
@@ -75,18 +71,10 @@ def build(flavour: str, seed: int = 0):
   Cached: tests must not modify what they get."""
   torch.manual_seed(seed)
   torch_model = diffusers.UNet2DConditionModel(**unet_kwargs(flavour)).eval()
-  perturb_(torch_model, seed + 1)
+  perturb_(torch_model, seed + 1, perturbation_std)
   module = UNet2DConditionModel(UNetConfig.from_dict(dict(torch_model.config)))
-  params = torch_to_flax(state_dict(torch_model), param_shapes(module), what=flavour)
+  params = torch_to_flax(state_dict(torch_model), abstract_params(module), what=flavour)
   return torch_model, module, params
-
-
-def state_dict(torch_model) -> dict[str, np.ndarray]:
-  return {k: v.numpy() for k, v in torch_model.state_dict().items()}
-
-
-def param_shapes(module):
-  return jax.eval_shape(lambda: module.init(jax.random.key(0), *module.dummy_inputs()))["params"]
 
 
 def inputs(size: int, seed: int = 0):
@@ -115,12 +103,6 @@ def flax_forward(module, params, sample, timesteps, text, cond=None) -> np.ndarr
   return np.asarray(fn(params, sample, timesteps, text, cond).astype(jnp.float32))
 
 
-def max_error(out: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
-  """(max abs error, the fp32 bound for this reference)."""
-  assert out.shape == ref.shape, (out.shape, ref.shape)
-  return float(np.abs(out - ref).max()), FP32_RTOL * max(1.0, float(np.abs(ref).max()))
-
-
 # Measured max abs errors (fp32, CPU): sd1 1.3e-6, sd1_lcm 1.6e-6, sd2 1.4e-6, sd2_lcm 1.9e-6,
 # sd_blocks 1.6e-6, options_lcm 1.2e-6 (bounds 1.4e-4 to 1.9e-4).
 @pytest.mark.parametrize("flavour", ["sd1", "sd1_lcm", "sd2", "sd2_lcm", "sd_blocks", "options_lcm"])
@@ -134,7 +116,7 @@ def test_unet_matches_diffusers(flavour):
   if not flavour.endswith("_lcm"):
     cond = None
   ref = torch_forward(torch_model, sample, timesteps, text, cond)
-  err, bound = max_error(flax_forward(module, params, sample, timesteps, text, cond), ref)
+  err, bound = fp32_error(flax_forward(module, params, sample, timesteps, text, cond), ref)
   print(f"{flavour}: max abs error {err:.2e} (bound {bound:.2e})")
   assert err <= bound
 
@@ -145,7 +127,7 @@ def test_unet_without_timestep_cond_skips_cond_proj():
   torch_model, module, params = build("sd2_lcm")
   sample, timesteps, text, _ = inputs(16)
   ref = torch_forward(torch_model, sample, timesteps, text, None)
-  err, bound = max_error(flax_forward(module, params, sample, timesteps, text, None), ref)
+  err, bound = fp32_error(flax_forward(module, params, sample, timesteps, text, None), ref)
   assert err <= bound
 
 
@@ -157,7 +139,7 @@ def test_unet_timestep_forms(timestep):
   sample, _, text, _ = inputs(16)
   ref = torch_forward(torch_model, sample, timestep, text)
   fn = jax.jit(lambda p, x, c: module.apply({"params": p}, x, timestep, c))
-  err, bound = max_error(np.asarray(fn(params, sample, text)), ref)
+  err, bound = fp32_error(np.asarray(fn(params, sample, text)), ref)
   assert err <= bound
 
 
@@ -188,7 +170,7 @@ def test_unet_bf16_params_build_and_run():
   """param_dtype=bf16 stores every parameter in bf16 and still runs."""
   module = UNet2DConditionModel(UNetConfig.from_dict(unet_kwargs("sd2_lcm")), dtype=jnp.bfloat16,
                                 param_dtype=jnp.bfloat16)
-  shapes = param_shapes(module)
+  shapes = abstract_params(module)
   assert {leaf.dtype for leaf in jax.tree.leaves(shapes)} == {jnp.dtype(jnp.bfloat16)}
 
 
@@ -199,7 +181,7 @@ def test_unet_remat_traces_gradients():
   _, module, params = build("sd_blocks")
   sample, timesteps, text, _ = inputs(12)
   remat = UNet2DConditionModel(module.config, remat=True)
-  assert jax.tree.structure(param_shapes(remat)) == jax.tree.structure(params)
+  assert jax.tree.structure(abstract_params(remat)) == jax.tree.structure(params)
   grads = jax.eval_shape(jax.grad(lambda p: remat.apply({"params": p}, sample, timesteps, text).sum()),
                          params)
   assert jax.tree.structure(grads) == jax.tree.structure(params)
@@ -266,19 +248,8 @@ def test_full_size_architecture_matches_diffusers(config, num_params):
         {k: v for k, v in config.items() if not k.startswith("_")})
   torch_shapes = {k: tuple(v.shape) for k, v in torch_model.state_dict().items()}
   module = UNet2DConditionModel(UNetConfig.from_dict(config))
-  assert torch_layout_shapes(param_shapes(module)) == torch_shapes
+  assert torch_layout_shapes(abstract_params(module)) == torch_shapes
   assert sum(np.prod(s) for s in torch_shapes.values()) == num_params
-
-
-def torch_layout_shapes(params) -> dict[str, tuple[int, ...]]:
-  """PyTorch key -> PyTorch-layout shape for a Flax parameter tree of shapes."""
-  out = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    names, shape = tuple(p.key for p in path), leaf.shape
-    if names[-1] == "kernel":  # conv (H, W, I, O) -> (O, I, H, W); dense (I, O) -> (O, I)
-      shape = (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else (shape[1], shape[0])
-    out[flax_path_to_torch_key(names)] = tuple(shape)
-  return out
 
 
 @pytest.mark.parametrize("dim,flip,shift", [(320, True, 0), (33, False, 1), (8, True, 1)])

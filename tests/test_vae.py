@@ -10,18 +10,23 @@ from __future__ import annotations
 
 import functools
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
-import jax
-import jax.numpy as jnp
-
 from lcm_jax.errors import UnsupportedConfigError
 from lcm_jax.models.vae import AutoencoderKL, VAEConfig
+from lcm_jax.sd_pipeline import abstract_params
 from lcm_jax.weights import flax_to_torch, torch_to_flax
-
-from tests.test_unet import max_error, param_shapes, perturb_, state_dict, torch_layout_shapes
+from tests.helpers import (
+  fp32_error,
+  perturb_,
+  perturbation_std,
+  state_dict,
+  torch_layout_shapes,
+)
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -49,12 +54,12 @@ def build(flavour: str, seed: int = 0, clamp: bool = False):
   the [-30, 20] logvar clamp are exercised."""
   torch.manual_seed(seed)
   torch_model = diffusers.AutoencoderKL(**vae_kwargs(flavour)).eval()
-  perturb_(torch_model, seed + 1)
+  perturb_(torch_model, seed + 1, perturbation_std)
   if clamp:
     with torch.no_grad():
       torch_model.quant_conv.bias[LATENT:] += torch.tensor([60.0, -60.0, 60.0, -60.0])
   module = AutoencoderKL(VAEConfig.from_dict(dict(torch_model.config)))
-  params = torch_to_flax(state_dict(torch_model), param_shapes(module), what=flavour)
+  params = torch_to_flax(state_dict(torch_model), abstract_params(module), what=flavour)
   return torch_model, module, params
 
 
@@ -92,12 +97,12 @@ def test_vae_matches_diffusers(flavour, clamp):
     assert ref_logvar.max() == 20.0 and ref_logvar.min() == -30.0
   for name, out, ref in (("mean", mean, ref_mean), ("logvar", logvar, ref_logvar),
                          ("decoded", decoded, ref_decoded)):
-    err, bound = max_error(out, ref)
+    err, bound = fp32_error(out, ref)
     print(f"{flavour}{' clamped' if clamp else ''} {name}: max abs error {err:.2e} (bound {bound:.2e})")
     assert err <= bound, name
   # __call__ (encode, then decode the mean) is what init runs; it agrees with the parts.
   whole = jax.jit(lambda p, x: module.apply({"params": p}, x))(params, x)
-  err, bound = max_error(np.asarray(whole), ref_decoded)
+  err, bound = fp32_error(np.asarray(whole), ref_decoded)
   assert err <= bound
 
 
@@ -146,7 +151,7 @@ def test_vae_loads_legacy_attention_names():
         value = value[:, :, None, None] if value.ndim == 2 else value
     legacy[key] = value
   assert any("proj_attn" in k for k in legacy)
-  loaded = torch_to_flax(legacy, param_shapes(module))
+  loaded = torch_to_flax(legacy, abstract_params(module))
   jax.tree.map(np.testing.assert_array_equal, loaded, params)
 
 
@@ -169,7 +174,7 @@ def test_full_size_architecture_matches_diffusers():
   torch_shapes = {k: tuple(v.shape) for k, v in torch_model.state_dict().items()}
   config = VAEConfig.from_dict(SD_VAE_CONFIG)
   assert config.scaling_factor == 0.18215
-  assert torch_layout_shapes(param_shapes(AutoencoderKL(config))) == torch_shapes
+  assert torch_layout_shapes(abstract_params(AutoencoderKL(config))) == torch_shapes
   assert sum(np.prod(s) for s in torch_shapes.values()) == 83_653_863
 
 

@@ -57,9 +57,10 @@ def run_jax(args) -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
+
   from lcm_jax import losses, train_step
-  from lcm_jax.pipeline import abstract_params, build_module
   from lcm_jax.schedule import schedule_from_config
+  from lcm_jax.sd_pipeline import abstract_params, build_module
 
   dtype = {"fp32": jnp.float32, "bf16": jnp.bfloat16}[args.compute_dtype]
   cfg = _unet_config(args.width_scale)
@@ -115,7 +116,6 @@ def run_torch(args) -> dict:
   import copy
 
   import diffusers
-  import numpy as np
   import torch
 
   device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -143,20 +143,7 @@ def run_torch(args) -> dict:
   text = torch.randn(args.batch_size, TEXT_LEN, TEXT_DIM, generator=g).to(device)
   uncond = torch.randn(1, TEXT_LEN, TEXT_DIM, generator=g).to(device).expand_as(text)
   w_min, w_max = 2.0, 14.0
-
-  def bc(x):
-    return x[:, None, None, None]
-
-  def scalings(t):
-    s = t.float() * 10.0
-    return 0.25 / (s ** 2 + 0.25), s / (s ** 2 + 0.25) ** 0.5
-
-  def embed(w, dim=256):
-    w = w * 1000.0
-    half = dim // 2
-    f = torch.exp(torch.arange(half, device=device) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
-    a = w[:, None] * f[None]
-    return torch.cat([torch.sin(a), torch.cos(a)], 1)
+  bc, scalings, embed = _torch_bc, _torch_scalings, _torch_guidance_embedding
 
   def step():
     b = latents.shape[0]
@@ -197,6 +184,34 @@ def run_torch(args) -> dict:
         tp.mul_(0.95).add_(p.to(tp.dtype), alpha=0.05)
     return loss
 
+  return _time_torch_steps(step, args, device)
+
+
+# The diffusers-style step's pieces, written in torch as diffusers' training script has them.
+
+def _torch_bc(x):
+  return x[:, None, None, None]
+
+
+def _torch_scalings(t):
+  """(c_skip, c_out) at s = 10 t, sigma_data = 0.5."""
+  s = t.float() * 10.0
+  return 0.25 / (s ** 2 + 0.25), s / (s ** 2 + 0.25) ** 0.5
+
+
+def _torch_guidance_embedding(w, dim=256):
+  import torch
+  w = w * 1000.0
+  half = dim // 2
+  f = torch.exp(torch.arange(half, device=w.device) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
+  a = w[:, None] * f[None]
+  return torch.cat([torch.sin(a), torch.cos(a)], 1)
+
+
+def _time_torch_steps(step, args, device: str) -> dict:
+  """Median seconds per step after warm-up, peak memory and the last loss."""
+  import numpy as np
+  import torch
   times = []
   for _ in range(args.warmup + args.steps):
     t0 = time.perf_counter()

@@ -48,7 +48,8 @@ def run_jax(folder: str, repeats: int) -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from lcm_jax.pipeline import load_component
+
+  from lcm_jax.sd_pipeline import load_component
   base = _peak_rss_gib()
   t0 = time.perf_counter()
   module, params, _ = load_component(os.path.join(folder, "unet"), "unet")

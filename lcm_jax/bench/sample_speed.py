@@ -8,7 +8,7 @@ diffusers:
     text encoder, tokenizer and scheduler shared by symlink). diffusers' StableDiffusionPipeline
     runs no classifier-free guidance on a guidance-embedded UNet, so the teacher baseline needs
     a UNet without one to run CFG as SD does.
-The tokenizer is the tests' tiny CLIP BPE (`tests/tiny_clip.py`, ~700 tokens instead of
+The tokenizer is the tests' tiny CLIP BPE (`tests/helpers/tiny_clip.py`, ~700 tokens instead of
 49,408), so the token embedding is smaller than SD's; it is one lookup and changes no timing.
 Then, in separate processes (each side holds its own ~5 GB of fp32 weights):
   * lcm-jax loads each folder with `load_pipeline` and runs `TextToImage`;
@@ -62,7 +62,7 @@ def save_pipeline(folder: str) -> None:
   import transformers
   repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   sys.path.insert(0, repo)  # tests/ is not installed with the package
-  from tests import tiny_clip
+  from tests.helpers import tiny_clip
   torch.manual_seed(0)
   unet = diffusers.UNet2DConditionModel(**SD21_UNET, time_cond_proj_dim=256)
   vae = diffusers.AutoencoderKL(**SD_VAE)
@@ -114,7 +114,8 @@ def run_jax(folder: str, size: int, batch: int, repeats: int, dtype: str) -> dic
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from lcm_jax.pipeline import load_pipeline
+
+  from lcm_jax.load import load_pipeline
   from lcm_jax.text_to_image import TextToImage
   jdtype = {"fp32": jnp.float32, "bf16": jnp.bfloat16}[dtype]
   latents = np.load(write_latents(folder, batch, size))
@@ -141,8 +142,12 @@ def run_torch(folder: str, size: int, batch: int, repeats: int, dtype: str) -> d
 
   import numpy as np
   import torch
-  from diffusers import (DPMSolverMultistepScheduler, LatentConsistencyModelPipeline, LCMScheduler,
-                         StableDiffusionPipeline)
+  from diffusers import (
+    DPMSolverMultistepScheduler,
+    LatentConsistencyModelPipeline,
+    LCMScheduler,
+    StableDiffusionPipeline,
+  )
   device = "cuda" if torch.cuda.is_available() else "cpu"
   tdtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
   latents = torch.from_numpy(np.load(write_latents(folder, batch, size))).to(device, tdtype)

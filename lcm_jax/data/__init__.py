@@ -7,7 +7,7 @@ whose state goes into checkpoints; `default_data_config()` lists every config ke
 """
 
 from lcm_jax.data.latents import read_metadata as read_latents_metadata
-from lcm_jax.data.pipeline import (
+from lcm_jax.data.loader import (
     FORMATS,
     IMAGE_FORMATS,
     TrainData,

@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 
 from lcm_jax.data import latents as latents_lib
-from lcm_jax.data import pipeline as data_pipeline
+from lcm_jax.data import loader as data_loader
 from lcm_jax.data import preprocess
 from lcm_jax.errors import LcmJaxError
 from lcm_jax.models.vae import AutoencoderKL
@@ -88,79 +88,24 @@ def cache_latents(pipe, data_config: ml_collections.ConfigDict, *, resolution: i
       shuffle settings are ignored: one pass in order, centre crop, no flip).
     resolution: R; must be a multiple of the VAE's downsampling factor.
     dtype: "float32" or "float16", the stored dtype (training reads float32 either way).
-    source: the data set's record source if already opened (`pipeline.image_source`).
+    source: the data set's record source if already opened (`loader.image_source`).
   Returns:
     the metadata written to `output/metadata.json`.
   """
-  config = data_pipeline.resolve_data_config(data_config)
-  if config.format not in data_pipeline.IMAGE_FORMATS:
-    raise LcmJaxError(f"cache_latents reads an image format ({', '.join(data_pipeline.IMAGE_FORMATS)}), "
-                      f"not {config.format!r}")
-  if dtype not in latents_lib.DTYPES:
-    raise LcmJaxError(f"unknown cache dtype {dtype!r}; choose from {', '.join(latents_lib.DTYPES)}")
-  if batch_size <= 0 or shard_size <= 0:
-    raise LcmJaxError("batch_size and shard_size must be positive")
-  factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-  if resolution <= 0 or resolution % factor:
-    raise LcmJaxError(f"resolution {resolution} is not a positive multiple of the VAE's downsampling factor {factor}")
-  max_length = pipe.tokenizer.model_max_length
+  config = data_loader.resolve_data_config(data_config)
   encode = make_encoder(pipe.vae, pipe.text_encoder)
-  shapes = jax.eval_shape(encode, pipe.params["vae"], pipe.params["text_encoder"],
-                          jax.ShapeDtypeStruct((1, resolution, resolution, 3), jnp.float32),
-                          jax.ShapeDtypeStruct((1, max_length), jnp.int32))
-  layout = latents_lib.LatentsLayout(tuple(shapes[0].shape[1:]), tuple(shapes[2].shape[1:]), dtype)
-
+  layout = _check_and_lay_out(pipe, config, encode, resolution=resolution, batch_size=batch_size,
+                              shard_size=shard_size, dtype=dtype)
   old = existing_cache_files(output, overwrite)
-  total, examples = data_pipeline.iterate_examples_once(config, resolution=resolution, tokenizer=pipe.tokenizer,
+  total, examples = data_loader.iterate_examples_once(config, resolution=resolution, tokenizer=pipe.tokenizer,
                                                         source=source)
   for path in old:
     os.remove(path)
   os.makedirs(output, exist_ok=True)
   writer = _ShardWriter(output, shard_size)
-  count = skipped = 0
-  in_flight = None  # (device outputs, captions, n): written while the next batch computes
-
-  def write(flight):
-    nonlocal count
-    outputs, captions, n = flight
-    mean, logvar, context = (np.asarray(o)[:n] for o in outputs)
-    for i in range(n):
-      writer.write(layout.encode({"latent_mean": mean[i], "latent_logvar": logvar[i], "context": context[i]},
-                                 captions[i]))
-    count += n
-
-  def dispatch(batch: list[dict]):
-    n = len(batch)
-    batch = batch + [batch[-1]] * (batch_size - n)  # a full batch: one compiled shape
-    pixels = preprocess.to_model_pixels(np.stack([e["pixels"] for e in batch]))
-    input_ids = np.stack([e["input_ids"] for e in batch])
-    outputs = encode(pipe.params["vae"], pipe.params["text_encoder"], pixels, input_ids)
-    return outputs, [e["caption"] for e in batch[:n]], n
-
-  from tqdm import tqdm
   start = time.perf_counter()
-  pending: list[dict] = []
   try:
-    with tqdm(total=total, unit="img", desc="encoding", disable=not progress) as bar:
-      for example in examples:
-        bar.update(1)
-        if preprocess.is_skip(example):
-          skipped += 1
-          bar.set_postfix(skipped=skipped)
-          continue
-        pending.append(example)
-        if len(pending) == batch_size:
-          flight, pending = dispatch(pending), []
-          if in_flight is not None:
-            write(in_flight)
-          in_flight = flight
-      if pending:
-        flight = dispatch(pending)
-        if in_flight is not None:
-          write(in_flight)
-        in_flight = flight
-      if in_flight is not None:
-        write(in_flight)
+    count, skipped = _encode_all(pipe, encode, layout, writer, examples, total, batch_size, progress)
   finally:
     writer.close()
   if count == 0:
@@ -185,3 +130,69 @@ def cache_latents(pipe, data_config: ml_collections.ConfigDict, *, resolution: i
   }
   latents_lib.write_metadata(output, metadata)
   return metadata
+
+
+def _check_and_lay_out(pipe, config, encode, *, resolution: int, batch_size: int, shard_size: int,
+                       dtype: str) -> latents_lib.LatentsLayout:
+  """Checks the arguments against the model (before anything is read or written) and returns
+  the record layout of the cache."""
+  if config.format not in data_loader.IMAGE_FORMATS:
+    raise LcmJaxError(f"cache_latents reads an image format ({', '.join(data_loader.IMAGE_FORMATS)}), "
+                      f"not {config.format!r}")
+  if dtype not in latents_lib.DTYPES:
+    raise LcmJaxError(f"unknown cache dtype {dtype!r}; choose from {', '.join(latents_lib.DTYPES)}")
+  if batch_size <= 0 or shard_size <= 0:
+    raise LcmJaxError("batch_size and shard_size must be positive")
+  factor = pipe.vae.config.downsampling_factor
+  if resolution <= 0 or resolution % factor:
+    raise LcmJaxError(f"resolution {resolution} is not a positive multiple of the VAE's downsampling factor {factor}")
+  shapes = jax.eval_shape(encode, pipe.params["vae"], pipe.params["text_encoder"],
+                          jax.ShapeDtypeStruct((1, resolution, resolution, 3), jnp.float32),
+                          jax.ShapeDtypeStruct((1, pipe.tokenizer.model_max_length), jnp.int32))
+  return latents_lib.LatentsLayout(tuple(shapes[0].shape[1:]), tuple(shapes[2].shape[1:]), dtype)
+
+
+def _encode_all(pipe, encode, layout, writer: _ShardWriter, examples, total: int, batch_size: int,
+                progress: bool) -> tuple[int, int]:
+  """Encodes and writes every usable example; (records written, records skipped). A batch is
+  written while the next one computes on the device."""
+  from tqdm import tqdm
+  count = skipped = 0
+  in_flight = None  # (device outputs, captions, n)
+
+  def write(flight):
+    nonlocal count
+    outputs, captions, n = flight
+    mean, logvar, context = (np.asarray(o)[:n] for o in outputs)
+    for i in range(n):
+      writer.write(layout.encode({"latent_mean": mean[i], "latent_logvar": logvar[i], "context": context[i]},
+                                 captions[i]))
+    count += n
+
+  def dispatch(batch: list[dict]):
+    n = len(batch)
+    batch = batch + [batch[-1]] * (batch_size - n)  # a full batch: one compiled shape
+    pixels = preprocess.to_model_pixels(np.stack([e["pixels"] for e in batch]))
+    input_ids = np.stack([e["input_ids"] for e in batch])
+    outputs = encode(pipe.params["vae"], pipe.params["text_encoder"], pixels, input_ids)
+    return outputs, [e["caption"] for e in batch[:n]], n
+
+  pending: list[dict] = []
+  with tqdm(total=total, unit="img", desc="encoding", disable=not progress) as bar:
+    for example in examples:
+      bar.update(1)
+      if preprocess.is_skip(example):
+        skipped += 1
+        bar.set_postfix(skipped=skipped)
+        continue
+      pending.append(example)
+      if len(pending) == batch_size:
+        flight, pending = dispatch(pending), []
+        if in_flight is not None:
+          write(in_flight)
+        in_flight = flight
+    for flight in ([dispatch(pending)] if pending else []) + [None]:
+      if in_flight is not None:
+        write(in_flight)
+      in_flight = flight
+  return count, skipped

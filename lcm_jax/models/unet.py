@@ -22,9 +22,19 @@ import jax
 import jax.numpy as jnp
 
 from lcm_jax.errors import UnsupportedConfigError
-from lcm_jax.models.layers import (Downsample2D, GroupNorm, ResnetBlock2D, TimestepEmbedding,
-                                   Transformer2DModel, Upsample2D, as_tuple, conv, one_of,
-                                   read_diffusers_config, timestep_embedding)
+from lcm_jax.models.layers import (
+  Downsample2D,
+  GroupNorm,
+  ResnetBlock2D,
+  TimestepEmbedding,
+  Transformer2DModel,
+  Upsample2D,
+  as_tuple,
+  conv,
+  one_of,
+  read_diffusers_config,
+  timestep_embedding,
+)
 
 Dtype = Any
 

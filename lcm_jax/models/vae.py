@@ -19,8 +19,16 @@ import jax
 import jax.numpy as jnp
 
 from lcm_jax.errors import UnsupportedConfigError
-from lcm_jax.models.layers import (Attention, Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D,
-                                   conv, one_of, read_diffusers_config)
+from lcm_jax.models.layers import (
+  Attention,
+  Downsample2D,
+  GroupNorm,
+  ResnetBlock2D,
+  Upsample2D,
+  conv,
+  one_of,
+  read_diffusers_config,
+)
 
 Dtype = Any
 
@@ -72,6 +80,12 @@ class VAEConfig:
             f"VAE config has {key}={list(types)!r} but {n} block_out_channels; lcm-jax needs "
             "one block per entry.")
       put(key, types)
+
+  @property
+  def downsampling_factor(self) -> int:
+    """Pixels per latent along each axis: 2 per block but the last (8 for Stable Diffusion),
+    as diffusers' `vae_scale_factor`."""
+    return 2 ** (len(self.block_out_channels) - 1)
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "VAEConfig":
@@ -207,7 +221,7 @@ class AutoencoderKL(nn.Module):
 
   def dummy_inputs(self) -> tuple[jax.Array]:
     """Small inputs for `init`: (images,)."""
-    size = 2 ** (len(self.config.block_out_channels) - 1)
+    size = self.config.downsampling_factor
     return (jnp.zeros((1, size, size, self.config.in_channels), jnp.float32),)
 
   def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -227,3 +241,29 @@ class AutoencoderKL(nn.Module):
     """Encodes x [B, H, W, C] and decodes the posterior mean (creates every parameter in init)."""
     mean, _ = self.encode(x)
     return self.decode(mean)
+
+
+# ---------------------------------------------------------------------------------------
+# What callers of the VAE need besides the module: its factors and the posterior draw.
+
+def downsampling_factor(config: Mapping[str, Any] | VAEConfig) -> int:
+  """The VAE's spatial downsampling factor from its config (a `vae/config.json` dict or a
+  `VAEConfig`): 8 for Stable Diffusion, 2 for the tests' two-block VAE."""
+  return (config if isinstance(config, VAEConfig) else VAEConfig.from_dict(config)).downsampling_factor
+
+
+def scaling_factor(config: Mapping[str, Any]) -> float:
+  """The latent scaling factor of a `vae/config.json` dict (SD 1.x/2.x's 0.18215 when absent)."""
+  return float(config.get("scaling_factor", VAEConfig.scaling_factor))
+
+
+def draw_latents(mean: jax.Array, logvar: jax.Array, rng: jax.Array, scaling_factor: float) -> jax.Array:
+  """A draw from the VAE posterior times the scaling factor: z = (mean + exp(logvar / 2) eps) s.
+
+  Every path to training latents (images encoded in the step, a latent cache of moments, the
+  toy teacher's training) goes through this one function, so they agree given the same key.
+  mean, logvar [B, h, w, C] -> [B, h, w, C] float32.
+  """
+  mean, logvar = mean.astype(jnp.float32), logvar.astype(jnp.float32)
+  eps = jax.random.normal(rng, mean.shape, jnp.float32)
+  return (mean + jnp.exp(0.5 * logvar) * eps) * scaling_factor

@@ -15,9 +15,9 @@ shapes, so we train our own feature network on the domain:
   shape colour, shape and position, as the classifier reads them, all equal the caption's.
   Chance level is 1 / (9 x 4 x 5) = 0.56%; real images score the classifier's accuracy.
 
-The trained network is shipped in `toy/metric/` (1.5 MB) and rebuilt with
+The trained network is shipped in `lcm_jax/toy/weights/metric/` (1.5 MB) and rebuilt with
 
-    python -m lcm_jax.toy.metrics --output toy/metric [--seed 0]
+    python -m lcm_jax.toy.metrics --output lcm_jax/toy/weights/metric [--seed 0]
 
 (7 minutes on 2 CPU cores). Shipping it keeps the numbers comparable between machines
 and JAX versions; retraining gives the same network only on the same software and hardware.
@@ -39,7 +39,7 @@ import optax
 
 from lcm_jax.errors import LcmJaxError
 from lcm_jax.safetensors_io import SafetensorsFile, write_safetensors
-from lcm_jax.toy import domain
+from lcm_jax.toy import METRIC_DIR, display_path, domain
 from lcm_jax.weights import flatten_tree, unflatten_tree
 
 # head -> the labels it predicts, in index order.
@@ -260,7 +260,7 @@ if __name__ == "__main__":
   from absl import flags
 
   from lcm_jax import cli
-  flags.DEFINE_string("output", "toy/metric", "Folder to write the attribute network to.")
+  flags.DEFINE_string("output", display_path(METRIC_DIR), "Folder to write the attribute network to.")
   flags.DEFINE_integer("seed", 0, "Seed of its training data and initialisation.")
   flags.DEFINE_integer("steps", 1500, "Training steps (batch 128).")
   cli.run(main)

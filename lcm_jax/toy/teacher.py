@@ -1,6 +1,6 @@
 """Builds the toy Stable Diffusion teacher from scratch on a CPU and saves it as a diffusers folder.
 
-    python -m lcm_jax.toy.teacher --output toy/teacher [--seed 0]
+    python -m lcm_jax.toy.teacher --output lcm_jax/toy/weights/teacher [--seed 0]
 
 The toy teacher has Stable Diffusion's parts, at toy size, built with lcm-jax's own modules:
 
@@ -44,10 +44,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lcm_jax.pipeline import Pipeline, build_module, save_pipeline
+from lcm_jax.models.vae import draw_latents
 from lcm_jax.schedule import alpha_sigma, broadcast_to, schedule_from_config
+from lcm_jax.sd_pipeline import Pipeline, build_module, save_pipeline
 from lcm_jax.tokenizer import load_tokenizer, tokenize
-from lcm_jax.toy import domain, vocabulary
+from lcm_jax.toy import TEACHER_DIR, display_path, domain, vocabulary
 
 DIFFUSERS_VERSION = "0.42.1"  # written into the configs as diffusers would
 
@@ -231,7 +232,7 @@ def train_autoencoder(images: np.ndarray, recipe: Recipe, log: Callable[..., Non
 
   def loss_fn(params, x, key):
     mean, logvar = module.apply({"params": params}, x, method=AutoencoderKL.encode)
-    z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
+    z = draw_latents(mean, logvar, key, 1.0)
     recon = module.apply({"params": params}, z, method=AutoencoderKL.decode)
     return jnp.mean(jnp.abs(recon - x)) + recipe.kl_weight * jnp.mean(kl_divergence(mean, logvar))
 
@@ -265,8 +266,7 @@ def encode_images(module, params, images: np.ndarray, batch: int = 500) -> tuple
 
 def latent_scaling_factor(mean: np.ndarray, logvar: np.ndarray, seed: int) -> float:
   """1 / std of posterior samples, rounded to 5 significant digits (SD's 0.18215 rule)."""
-  rng = np.random.default_rng(seed)
-  z = mean + np.exp(0.5 * logvar) * rng.standard_normal(mean.shape).astype(np.float32)
+  z = np.asarray(draw_latents(jnp.asarray(mean), jnp.asarray(logvar), jax.random.key(seed), 1.0))
   return float(f"{1.0 / float(z.std()):.5g}")
 
 
@@ -302,7 +302,7 @@ def train_unet(latent_mean: np.ndarray, latent_logvar: np.ndarray, scaling_facto
 
   def loss_fn(params, mean, logvar, rows, key):
     k_latent, k_t, k_noise, k_drop = jax.random.split(key, 4)
-    z0 = (mean + jnp.exp(0.5 * logvar) * jax.random.normal(k_latent, mean.shape)) * scaling_factor
+    z0 = draw_latents(mean, logvar, k_latent, scaling_factor)
     b = z0.shape[0]
     t = jax.random.randint(k_t, (b,), 0, schedule.num_train_timesteps)
     noise = jax.random.normal(k_noise, z0.shape)
@@ -408,7 +408,7 @@ def main(argv) -> None:
 def _define_flags() -> None:
   from absl import flags
   defaults = Recipe()
-  flags.DEFINE_string("output", "toy/teacher", "Folder to write the diffusers pipeline to.")
+  flags.DEFINE_string("output", display_path(TEACHER_DIR), "Folder to write the diffusers pipeline to.")
   flags.DEFINE_integer("seed", defaults.seed, "Seed of the data, initialisation and noise.")
   flags.DEFINE_integer("vae_steps", defaults.vae_steps, "Autoencoder training steps.")
   flags.DEFINE_integer("unet_steps", defaults.unet_steps, "UNet training steps.")

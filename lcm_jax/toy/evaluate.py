@@ -1,8 +1,8 @@
 r"""The paper's Table 1 on the toy domain: FID and text alignment of the teacher's DDIM,
 DPM-Solver and DPM-Solver++ against the LCM, at 1, 2, 4 and 8 steps.
 
-    python -m lcm_jax.evaluate --teacher toy/teacher --lcm workdirs/toy --output results/table1
-    python -m lcm_jax.evaluate --teacher toy/teacher --lcm workdirs/toy_lcf --output results/lcf \
+    python -m lcm_jax.toy.evaluate --lcm workdirs/toy --output results/table1
+    python -m lcm_jax.toy.evaluate --lcm workdirs/toy_lcf --output results/lcf \
         --domain shifted --samplers lcm --steps 4
 
 Every sampler draws one image per prompt of a fixed, balanced prompt set of the toy domain
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
 import numpy as np
@@ -34,29 +33,35 @@ from absl import flags, logging
 
 from lcm_jax import cli
 from lcm_jax.errors import LcmJaxError
+from lcm_jax.toy import METRIC_DIR, TEACHER_DIR, display_path
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("teacher", "toy/teacher", "The teacher: a diffusers pipeline folder.")
-flags.DEFINE_string("lcm", None, "The LCM: a training workdir (its latest checkpoint's EMA "
-                    "parameters) or an LCM pipeline folder.")
-flags.DEFINE_integer("lcm_step", None, "With a workdir --lcm: the checkpoint step to score (default: the latest).")
-flags.DEFINE_enum("lcm_params", "ema", ["ema", "online"], "With a workdir --lcm: the EMA target (the LCM, "
-                  "default) or the online student.")
-flags.DEFINE_string("output", None, "Folder for table.md, table.json, plot.png and samples.png.")
-flags.DEFINE_integer("num_samples", 2000, "Prompts (= images per sampler and step count).")
-flags.DEFINE_string("metric", "toy/metric", "Folder of the attribute network "
-                    "(built by `python -m lcm_jax.toy.metrics`).")
-flags.DEFINE_enum("domain", "teacher", ["teacher", "shifted"], "Prompt set: the teacher's colours, or "
-                  "the shifted colours the teacher never saw (LCF).")
-flags.DEFINE_list("samplers", ["ddim", "dpm_solver", "dpm_solver_pp", "lcm"], "Rows of the table.")
-flags.DEFINE_list("steps", ["1", "2", "4", "8"], "Columns of the table.")
-flags.DEFINE_float("guidance_scale", 9.0, "diffusers' g = 1 + the paper's omega (paper: omega = 8).")
-flags.DEFINE_integer("reference_steps", 50, "Steps of the teacher-DDIM reference row (what the LCM is "
-                     "distilled towards); 0 leaves it out.")
-flags.DEFINE_integer("batch_size", 250, "Images per compiled sampler call.")
-flags.DEFINE_integer("seed", 0, "Seed of the initial latents and LCM noise (image i: (seed, i)).")
-flags.DEFINE_integer("prompt_seed", 1234, "Seed of the prompt set.")
-flags.DEFINE_integer("grid_prompts", 8, "Prompts shown in samples.png.")
+
+
+def _define_flags() -> None:
+  """Defined when run as a program only (importing this module defines no flags)."""
+  flags.DEFINE_string("teacher", display_path(TEACHER_DIR), "The teacher: a diffusers pipeline folder.")
+  flags.DEFINE_string("lcm", None, "The LCM: a training workdir (its latest checkpoint's EMA "
+                      "parameters) or an LCM pipeline folder.")
+  flags.DEFINE_integer("lcm_step", None, "With a workdir --lcm: the checkpoint step to score (default: the latest).")
+  flags.DEFINE_enum("lcm_params", "ema", ["ema", "online"], "With a workdir --lcm: the EMA target (the LCM, "
+                    "default) or the online student.")
+  flags.DEFINE_string("output", None, "Folder for table.md, table.json, plot.png and samples.png.")
+  flags.DEFINE_integer("num_samples", 2000, "Prompts (= images per sampler and step count).")
+  flags.DEFINE_string("metric", display_path(METRIC_DIR), "Folder of the attribute network "
+                      "(built by `python -m lcm_jax.toy.metrics`).")
+  flags.DEFINE_enum("domain", "teacher", ["teacher", "shifted"], "Prompt set: the teacher's colours, or "
+                    "the shifted colours the teacher never saw (LCF).")
+  flags.DEFINE_list("samplers", ["ddim", "dpm_solver", "dpm_solver_pp", "lcm"], "Rows of the table.")
+  flags.DEFINE_list("steps", ["1", "2", "4", "8"], "Columns of the table.")
+  flags.DEFINE_float("guidance_scale", 9.0, "diffusers' g = 1 + the paper's omega (paper: omega = 8).")
+  flags.DEFINE_integer("reference_steps", 50, "Steps of the teacher-DDIM reference row (what the LCM is "
+                       "distilled towards); 0 leaves it out.")
+  flags.DEFINE_integer("batch_size", 250, "Images per compiled sampler call.")
+  flags.DEFINE_integer("seed", 0, "Seed of the initial latents and LCM noise (image i: (seed, i)).")
+  flags.DEFINE_integer("prompt_seed", 1234, "Seed of the prompt set.")
+  flags.DEFINE_integer("grid_prompts", 8, "Prompts shown in samples.png.")
+
 
 ROW_NAMES = {"ddim": "DDIM", "dpm_solver": "DPM-Solver", "dpm_solver_pp": "DPM-Solver++", "lcm": "LCM"}
 REFERENCE_SEED = 777  # the jitter of the real reference images
@@ -65,15 +70,15 @@ SECOND_REAL_SEED = 778  # a second real draw, for the FID floor
 
 def load_model(path: str, params: str = "ema", step: int | None = None):
   """A `Pipeline` from a diffusers folder or a training workdir (its `params` at `step`)."""
-  from lcm_jax import checkpoint
-  from lcm_jax.pipeline import load_pipeline
+  from lcm_jax import workdir
+  from lcm_jax.load import load_pipeline
   if not os.path.exists(path):
     raise LcmJaxError(f"{path} does not exist")
   if step is None:
     return load_pipeline(path, params=params)
-  if not checkpoint.is_workdir(path):
+  if not workdir.is_workdir(path):
     raise LcmJaxError(f"--lcm_step needs a training workdir; {path} is a pipeline folder")
-  return checkpoint.pipeline_from_workdir(path, params, step)
+  return workdir.load_pipeline_from_workdir(path, params, step)
 
 
 def generate(t2i, prompts: list[str], sampler: str, steps: int, guidance_scale: float, seed: int,
@@ -122,10 +127,8 @@ def markdown_table(results: dict, samplers: list[str], steps: list[int], referen
   return "\n".join(lines) + f"\n\nReferences (same prompts): {refs}.\n"
 
 
-def main(argv: list[str]) -> None:
-  del argv
-  if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
+def checked_flags() -> tuple[list[str], list[int]]:
+  """(samplers, steps) from the flags; every flag error before any work."""
   if FLAGS.output is None:
     raise LcmJaxError("--output is required (a folder for the table, plot and samples)")
   samplers = list(FLAGS.samplers)
@@ -145,41 +148,27 @@ def main(argv: list[str]) -> None:
     raise LcmJaxError(f"--reference_steps must be >= 0 (0: no teacher reference row), got {FLAGS.reference_steps}")
   if FLAGS.num_samples < 2:
     raise LcmJaxError("--num_samples must be at least 2 (an FID needs a covariance)")
+  return samplers, steps
 
-  from lcm_jax.text_to_image import TextToImage
-  from lcm_jax.toy import domain, figures
-  from lcm_jax.toy.metrics import DomainMetrics, feature_statistics
 
-  t_start = time.perf_counter()
-  metrics = DomainMetrics.load(FLAGS.metric)
-  colours = domain.TRAIN_COLOURS if FLAGS.domain == "teacher" else domain.SHIFTED_COLOURS
-  attrs = domain.prompt_set(FLAGS.num_samples, FLAGS.prompt_seed, colours=colours)
-  prompts = [a.caption for a in attrs]
-  real = domain.draw_all(attrs, REFERENCE_SEED)
-  reference = feature_statistics(metrics.features(real))
-
-  def score(images: np.ndarray) -> dict:
-    return {"fid": metrics.fid(images, reference), **metrics.alignment(images, attrs)}
-
-  teacher = load_model(FLAGS.teacher)
+def reference_rows(teacher_t2i, teacher, attrs, prompts, score) -> dict:
+  """Scores of real images (a second draw), the teacher VAE's reconstructions of them, and
+  the teacher's DDIM at --reference_steps (when asked)."""
+  from lcm_jax.toy import domain
   # The second real draw has the jitter of no reference image, as a sampler's images do; its
   # reconstructions show what the autoencoder alone costs.
   second_real = domain.draw_all(attrs, SECOND_REAL_SEED)
   references = {"real images": score(second_real),
                 "teacher VAE reconstructions": score(vae_reconstructions(teacher, second_real))}
-  models = {}
-  if any(s != "lcm" for s in samplers) or FLAGS.reference_steps:
-    models["teacher"] = TextToImage(teacher)
   if FLAGS.reference_steps:
-    images, _ = generate(models["teacher"], prompts, "ddim", FLAGS.reference_steps, FLAGS.guidance_scale,
+    images, _ = generate(teacher_t2i, prompts, "ddim", FLAGS.reference_steps, FLAGS.guidance_scale,
                          FLAGS.seed, FLAGS.batch_size)
     references[f"teacher DDIM {FLAGS.reference_steps} steps"] = score(images)
-  print(f"[evaluate] {FLAGS.num_samples} prompts ({FLAGS.domain} colours); references: "
-        + json.dumps({k: {"fid": round(v["fid"], 3), "alignment": round(v["alignment"], 4)}
-                      for k, v in references.items()}), flush=True)
-  if "lcm" in samplers:
-    models["lcm"] = TextToImage(load_model(FLAGS.lcm, FLAGS.lcm_params, FLAGS.lcm_step))
+  return references
 
+
+def score_samplers(models: dict, samplers: list[str], steps: list[int], prompts: list[str], score):
+  """(results[sampler][steps] -> scores and timings, the first images of each cell, their labels)."""
   results: dict = {}
   grid_rows, grid_labels = [], []
   for sampler in samplers:
@@ -196,12 +185,17 @@ def main(argv: list[str]) -> None:
       print(f"[evaluate] {ROW_NAMES[sampler]:13s} {s} steps: FID {r['fid']:8.3f}  alignment "
             f"{100 * r['alignment']:5.1f}%  ({seconds:.0f}s sampling, {r['compile_seconds']:.0f}s compiling)",
             flush=True)
+  return results, grid_rows, grid_labels
 
+
+def write_outputs(results, references, samplers, steps, attrs, prompts, grid_rows, grid_labels, total: float) -> str:
+  """table.md, table.json, plot.png and samples.png in --output; returns the table."""
+  from lcm_jax import figures
+  from lcm_jax.toy import domain
   os.makedirs(FLAGS.output, exist_ok=True)
   table = markdown_table(results, samplers, steps, references)
   with open(os.path.join(FLAGS.output, "table.md"), "w") as f:
     f.write(table)
-  total = time.perf_counter() - t_start
   report = {"results": results, "references": references, "settings": {
       "teacher": FLAGS.teacher, "lcm": FLAGS.lcm, "lcm_step": FLAGS.lcm_step,
       "lcm_params": FLAGS.lcm_params, "num_samples": FLAGS.num_samples, "domain": FLAGS.domain,
@@ -217,9 +211,46 @@ def main(argv: list[str]) -> None:
   real_row = domain.draw_all(attrs[:FLAGS.grid_prompts], REFERENCE_SEED)
   figures.save_png(os.path.join(FLAGS.output, "samples.png"), figures.labelled_grid(
       [real_row] + grid_rows, ["real"] + grid_labels, prompts[:FLAGS.grid_prompts]))
+  return table
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  samplers, steps = checked_flags()
+
+  from lcm_jax.text_to_image import TextToImage
+  from lcm_jax.toy import domain
+  from lcm_jax.toy.metrics import DomainMetrics, feature_statistics
+
+  t_start = time.perf_counter()
+  metrics = DomainMetrics.load(FLAGS.metric)
+  colours = domain.TRAIN_COLOURS if FLAGS.domain == "teacher" else domain.SHIFTED_COLOURS
+  attrs = domain.prompt_set(FLAGS.num_samples, FLAGS.prompt_seed, colours=colours)
+  prompts = [a.caption for a in attrs]
+  reference = feature_statistics(metrics.features(domain.draw_all(attrs, REFERENCE_SEED)))
+
+  def score(images: np.ndarray) -> dict:
+    return {"fid": metrics.fid(images, reference), **metrics.alignment(images, attrs)}
+
+  teacher = load_model(FLAGS.teacher)
+  models = {}
+  if any(s != "lcm" for s in samplers) or FLAGS.reference_steps:
+    models["teacher"] = TextToImage(teacher)
+  references = reference_rows(models.get("teacher"), teacher, attrs, prompts, score)
+  print(f"[evaluate] {FLAGS.num_samples} prompts ({FLAGS.domain} colours); references: "
+        + json.dumps({k: {"fid": round(v["fid"], 3), "alignment": round(v["alignment"], 4)}
+                      for k, v in references.items()}), flush=True)
+  if "lcm" in samplers:
+    models["lcm"] = TextToImage(load_model(FLAGS.lcm, FLAGS.lcm_params, FLAGS.lcm_step))
+  results, grid_rows, grid_labels = score_samplers(models, samplers, steps, prompts, score)
+  total = time.perf_counter() - t_start
+  table = write_outputs(results, references, samplers, steps, attrs, prompts, grid_rows, grid_labels, total)
   print(table)
   print(f"[evaluate] wrote {FLAGS.output}/table.md, table.json, plot.png, samples.png in {total / 60:.1f} min")
 
 
 if __name__ == "__main__":
+  _define_flags()
   cli.run(main)

@@ -15,18 +15,10 @@ import os
 
 import torch
 
-from tests import tiny_clip
+from tests.helpers import perturb_, tiny_clip
 
 FLAVOURS = ("sd1", "sd2", "sd1_lcm", "sd2_lcm")
 LATENT_CHANNELS = 4
-
-
-def perturb_(module: torch.nn.Module, seed: int, scale: float = 0.05) -> None:
-  """Adds small noise to every parameter, in place."""
-  g = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for p in module.parameters():
-      p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
 
 
 def unet_kwargs(flavour: str) -> dict:

@@ -3,7 +3,7 @@
 Run by `tests/test_train_step.py` in a subprocess, because the device count is fixed when
 jax is first imported:
 
-  XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m tests.sharded_step_check
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m tests.helpers.sharded_step_check
 
 For each mesh (data x fsdp = 8x1, 2x4, 1x8) it runs the same steps as an unsharded run and
 checks the shardings of the parameters, Adam moments, EMA target and batch, and that the
@@ -24,9 +24,18 @@ from jax.sharding import PartitionSpec as P
 
 from lcm_jax.errors import LcmJaxError
 from lcm_jax.sharding import (
-    batch_sharding, make_global_batch, make_mesh, param_shardings, replicated)
+  batch_sharding,
+  make_global_batch,
+  make_mesh,
+  param_shardings,
+  replicated,
+)
 from lcm_jax.train_step import (
-    create_train_state, make_optimizer, make_train_step, train_state_shardings)
+  create_train_state,
+  make_optimizer,
+  make_train_step,
+  train_state_shardings,
+)
 
 MESHES = ((8, 1), (2, 4), (1, 8))
 STEPS = 3

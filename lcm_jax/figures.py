@@ -1,8 +1,10 @@
-"""PNG figures without matplotlib (not a dependency): labelled image grids and line plots, drawn
-with Pillow."""
+"""PNG images and figures without matplotlib (not a dependency): image grids, labelled grids and
+line plots, drawn with Pillow. Every PNG the library writes goes through `save_png`."""
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -123,4 +125,27 @@ def line_plot(panels: Sequence[tuple[str, Mapping[str, Mapping[int, float]]]], x
 
 
 def save_png(path: str, image: np.ndarray) -> None:
+  """Writes uint8 [H, W, 3] (or [H, W]) as a PNG, creating the folder if needed."""
+  folder = os.path.dirname(path)
+  if folder:
+    os.makedirs(folder, exist_ok=True)
   Image.fromarray(np.asarray(image, np.uint8)).save(path)
+
+
+def image_grid(images: np.ndarray) -> np.ndarray:
+  """uint8 [N, H, W, 3] -> one uint8 [rows H, cols W, 3] image, cols = ceil(sqrt(N)), row-major;
+  empty cells are black."""
+  n, h, w, c = images.shape
+  cols = math.ceil(math.sqrt(n))
+  rows = math.ceil(n / cols)
+  grid = np.zeros((rows * h, cols * w, c), np.uint8)
+  for i, image in enumerate(images):
+    r, k = divmod(i, cols)
+    grid[r * h:(r + 1) * h, k * w:(k + 1) * w] = image
+  return grid
+
+
+def rows_by_columns(images: np.ndarray) -> np.ndarray:
+  """uint8 [R, C, H, W, 3] -> one uint8 [R H, C W, 3] image: row r, column c is images[r, c]."""
+  r, c, h, w, ch = images.shape
+  return np.asarray(images).transpose(0, 2, 1, 3, 4).reshape(r * h, c * w, ch)

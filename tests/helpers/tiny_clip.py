@@ -1,7 +1,7 @@
 """A tiny CLIP tokenizer and text-encoder config, built at test time (no downloads).
 
 `write_tiny_tokenizer(folder)` writes a diffusers `tokenizer/` folder in OpenAI CLIP's BPE
-layout (the toy domain's tokenizer writer, `lcm_jax.toy.vocabulary`, with a wider word list):
+layout (`lcm_jax.tokenizer.write_word_tokenizer` with the word list below):
 every word of `WORDS` is a single token; any other text still tokenizes, letter by letter.
 
 `tiny_clip_text_config(...)` is a transformers `CLIPTextConfig` whose vocabulary and special
@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lcm_jax.toy import vocabulary
-from lcm_jax.toy.vocabulary import END, START
+from lcm_jax.tokenizer import END, START, vocab_and_merges, write_word_tokenizer
 
 # Short, so that tiny models stay tiny; long enough to show padding and truncation.
 MODEL_MAX_LENGTH = 16
@@ -31,7 +30,7 @@ WORDS = (
 
 def tiny_vocab_and_merges(words=WORDS) -> tuple[dict[str, int], list[tuple[str, str]]]:
   """The vocabulary (token -> id) and the ordered merge list of the tiny tokenizer."""
-  return vocabulary.vocab_and_merges(words)
+  return vocab_and_merges(words)
 
 
 def write_tiny_tokenizer(folder: str, *, pad_token: str = END,
@@ -40,7 +39,7 @@ def write_tiny_tokenizer(folder: str, *, pad_token: str = END,
 
   pad_token: "<|endoftext|>" as in SD 1.x's tokenizer, or "!" as in SD 2.x's.
   """
-  return vocabulary.write_tokenizer(folder, WORDS, model_max_length, pad_token)
+  return write_word_tokenizer(folder, WORDS, model_max_length, pad_token)
 
 
 def tiny_vocab_size() -> int:

@@ -1,11 +1,12 @@
 """`make demo`: the quick-start job. Distils the shipped toy teacher into an LCM and compares them.
 
-    python -m lcm_jax.demo [--workdir workdirs/toy] [--num_images 8000]
+    python -m lcm_jax.toy.demo [--workdir workdirs/toy] [--num_images 8000]
 
 1. writes the toy training data: 32x32 captioned shapes in the Hugging Face imagefolder
    layout (`workdirs/toy_data/teacher`, from `lcm_jax.toy.domain`);
 2. runs `python -m lcm_jax.train --config=configs/toy.py --workdir=workdirs/toy` (a
-   subprocess: exactly what a user would type), which distils `toy/teacher` with LCD;
+   subprocess: exactly what a user would type), which distils the shipped toy teacher
+   (`lcm_jax/toy/weights/teacher`) with LCD;
 3. samples the same prompts with the teacher (DDIM, 50 steps, guidance scale 9) and with the
    LCM (1, 2 and 4 steps, omega = 8 embedded) from the same initial latents, and writes the
    comparison grid to `workdirs/toy/demo_grid.png`.
@@ -25,13 +26,14 @@ from absl import flags, logging
 
 from lcm_jax import cli
 from lcm_jax.errors import LcmJaxError
+from lcm_jax.toy import TEACHER_DIR, display_path
 
 FLAGS = flags.FLAGS
 
 
 def _define_flags() -> None:
   """Defined when run as a program only, so that importing DEMO_PROMPTS defines no flags."""
-  flags.DEFINE_string("teacher", "toy/teacher", "The toy teacher (a diffusers pipeline folder).")
+  flags.DEFINE_string("teacher", display_path(TEACHER_DIR), "The toy teacher (a diffusers pipeline folder).")
   flags.DEFINE_string("workdir", "workdirs/toy", "Training workdir of the LCM.")
   flags.DEFINE_string("data", "workdirs/toy_data/teacher", "Where the toy training images are written.")
   flags.DEFINE_integer("num_images", 8000, "Training images to write.")
@@ -79,15 +81,15 @@ def distil() -> None:
 
 
 def comparison_grid() -> str:
-  from lcm_jax.checkpoint import pipeline_from_workdir
-  from lcm_jax.pipeline import load_pipeline
+  from lcm_jax import figures
+  from lcm_jax.load import load_pipeline
   from lcm_jax.text_to_image import TextToImage
-  from lcm_jax.toy import figures
+  from lcm_jax.workdir import load_pipeline_from_workdir
 
   start = time.perf_counter()
   prompts = list(DEMO_PROMPTS)
   teacher = TextToImage(load_pipeline(FLAGS.teacher))
-  lcm = TextToImage(pipeline_from_workdir(FLAGS.workdir, "ema"))
+  lcm = TextToImage(load_pipeline_from_workdir(FLAGS.workdir, "ema"))
   rows = [teacher(prompts, sampler="ddim", num_steps=TEACHER_STEPS, guidance_scale=GUIDANCE_SCALE)]
   labels = [f"teacher DDIM {TEACHER_STEPS}"]
   for steps in LCM_STEPS:
@@ -114,7 +116,7 @@ def main(argv: list[str]) -> None:
         f"  comparison grid (teacher DDIM {TEACHER_STEPS} steps vs LCM {', '.join(map(str, LCM_STEPS))} steps): {grid}\n"
         f"  training workdir (checkpoints, TensorBoard logs, samples/): {FLAGS.workdir}\n"
         f"  export it for diffusers: python -m lcm_jax.export --model {FLAGS.workdir} --output exported/\n"
-        f"  score it (the paper's Table 1): python -m lcm_jax.evaluate --teacher {FLAGS.teacher} "
+        f"  score it (the paper's Table 1): python -m lcm_jax.toy.evaluate --teacher {FLAGS.teacher} "
         f"--lcm {FLAGS.workdir} --output results/table1", flush=True)
 
 

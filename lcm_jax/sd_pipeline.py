@@ -23,7 +23,11 @@ import numpy as np
 
 from lcm_jax import weights
 from lcm_jax.errors import LcmJaxError, UnsupportedConfigError, WeightsError
-from lcm_jax.safetensors_io import SafetensorsFile, ShardedSafetensors, write_safetensors
+from lcm_jax.safetensors_io import (
+  SafetensorsFile,
+  ShardedSafetensors,
+  write_safetensors,
+)
 
 # component -> (class names accepted in model_index.json, weights file stem, config file name)
 COMPONENTS = {
@@ -67,7 +71,8 @@ class Pipeline:
 
   @property
   def vae_scaling_factor(self) -> float:
-    return float(self.configs["vae"].get("scaling_factor", 0.18215))
+    from lcm_jax.models.vae import scaling_factor
+    return scaling_factor(self.configs["vae"])
 
 
 def read_json(path: str) -> dict:
@@ -206,18 +211,16 @@ class _Renamed(Mapping):
     return len(self._names)
 
 
-def load_pipeline(path_or_repo_id: str, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                  components: tuple[str, ...] = DEFAULT_COMPONENTS, variant: str | None = None,
-                  revision: str | None = None, params: str = "ema") -> Pipeline:
-  """Loads a diffusers Stable Diffusion pipeline folder (or hub repo, or training workdir) into Flax.
+def load_pipeline_folder(path_or_repo_id: str, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                         components: tuple[str, ...] = DEFAULT_COMPONENTS, variant: str | None = None,
+                         revision: str | None = None) -> Pipeline:
+  """Loads a diffusers Stable Diffusion pipeline folder (or hub repo) into Flax.
+
+  `lcm_jax.load_pipeline` also takes training workdirs; this takes folders and hub ids only.
 
   Args:
-    path_or_repo_id: a local diffusers pipeline folder, a Hugging Face Hub repo id
-      (downloaded with `huggingface_hub` when online), or a `python -m lcm_jax.train`
-      workdir (its latest checkpoint's UNet with the workdir's VAE, text encoder and LCM
-      scheduler; all components are loaded).
-    params: for a workdir, which UNet parameters: "ema" (the EMA target, default) or
-      "online" (the student).
+    path_or_repo_id: a local diffusers pipeline folder, or a Hugging Face Hub repo id
+      (downloaded with `huggingface_hub` when online).
     dtype: compute dtype of the modules (jnp.float32 or jnp.bfloat16).
     param_dtype: dtype the parameters are stored in.
     components: which of unet, vae, text_encoder, tokenizer, scheduler to load.
@@ -227,10 +230,6 @@ def load_pipeline(path_or_repo_id: str, *, dtype=jnp.float32, param_dtype=jnp.fl
   Raises:
     LcmJaxError (and subclasses) with a message that says what is wrong.
   """
-  from lcm_jax import checkpoint  # imported here: checkpoint builds on this module
-  if checkpoint.is_workdir(os.path.expanduser(path_or_repo_id)):
-    return checkpoint.pipeline_from_workdir(os.path.expanduser(path_or_repo_id), params=params, dtype=dtype,
-                                            param_dtype=param_dtype)
   unknown = set(components) - set(COMPONENTS)
   if unknown:
     raise LcmJaxError(f"unknown pipeline components {sorted(unknown)}; choose from {list(COMPONENTS)}")

@@ -3,7 +3,7 @@
 Run by `tests/test_losses.py` in a subprocess (the device count is fixed when jax is first
 imported):
 
-  XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m tests.sharded_lcd_check
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m tests.helpers.sharded_lcd_check
 
 Mesh data=2 x fsdp=4 with the default rule table; asserts representative UNet parameter
 shardings and prints the differences to the unsharded run as one JSON line.
@@ -19,11 +19,21 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from lcm_jax import losses
-from lcm_jax.pipeline import abstract_params, build_module
 from lcm_jax.schedule import schedule_from_config
-from lcm_jax.sharding import batch_sharding, make_global_batch, make_mesh, param_shardings
-from lcm_jax.train_step import create_train_state, make_optimizer, make_train_step, train_state_shardings
-from tests.pipelines import unet_kwargs
+from lcm_jax.sd_pipeline import abstract_params, build_module
+from lcm_jax.sharding import (
+  batch_sharding,
+  make_global_batch,
+  make_mesh,
+  param_shardings,
+)
+from lcm_jax.train_step import (
+  create_train_state,
+  make_optimizer,
+  make_train_step,
+  train_state_shardings,
+)
+from tests.helpers.tiny_models import unet_kwargs
 
 STEPS, BATCH, MIN_SIZE = 2, 8, 1024
 SCHED = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,

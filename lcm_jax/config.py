@@ -1,0 +1,236 @@
+"""Training configs: the defaults every config starts from, argument parsing, and validation.
+
+A config file (configs/*.py) is Python with `get_config(arg)` returning an
+`ml_collections.ConfigDict` (big_vision style):
+
+    from lcm_jax import config as config_lib
+
+    def get_config(arg=None):
+      arg = config_lib.parse_arg(arg, runlocal=False)
+      c = config_lib.base_config()
+      c.teacher = "stabilityai/stable-diffusion-2-1"
+      ...
+      return config_lib.runlocal(c) if arg.runlocal else c
+
+`python -m lcm_jax.train --config=configs/sd21_768.py:runlocal` passes "runlocal" as `arg`;
+`--config.a.b=value` overrides any key. Where a default comes from: "paper" is Luo et al. 2023
+(arXiv 2310.04378), Sec. 5.1 and the appendix; "diffusers" is the defaults of its
+`train_lcm_distill_sd_wds.py`. docs/hyperparameters.md compares them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from lcm_jax.data import default_data_config
+from lcm_jax.errors import LcmJaxError
+from lcm_jax.sharding import DEFAULT_RULES
+
+DTYPES = ("float32", "bfloat16", "float16")
+MODES = ("lcd", "lcf")
+UNCONDS = ("empty_prompt", "zeros")
+
+# Fixed prompts of the sample grids written during training (rows of workdir/samples/*.png).
+SAMPLE_PROMPTS = (
+    "a photo of an astronaut riding a horse on the moon",
+    "a watercolor painting of a lighthouse at dawn",
+    "a close-up portrait of an old man with a grey beard, studio lighting",
+    "a bowl of ramen on a wooden table, 35mm photograph",
+)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every key the trainer reads, with its default (the paper's where it gives one)."""
+  c = ml_collections.ConfigDict()
+
+  # What to train, from what, on what.
+  c.teacher = ""            # diffusers pipeline folder or hub id (LCD: the teacher; LCF: optional
+                            # source of the VAE/text encoder, else init_from's)
+  c.teacher_variant = ""    # weights variant of the teacher folder, e.g. "fp16"
+  c.init_from = ""          # optional: an LCM pipeline folder or a workdir to start the student from
+  c.init_params = "ema"     # which parameters of an init_from workdir: "ema" or "online"
+  c.mode = "lcd"            # "lcd" (distillation, Algorithm 1) or "lcf" (fine-tuning, Algorithm 4)
+  c.data = default_data_config()  # path, format, center_crop, random_flip, ... (lcm_jax.data)
+  c.resolution = 512        # pixels; must be a multiple of VAE factor x 2^(UNet down blocks - 1)
+  c.batch_size = 72         # global; paper: 72 at 512, 16 at 768
+  c.num_train_steps = 100_000  # paper: 100k iterations
+  c.seed = 0
+
+  # The consistency loss (lcm_jax.losses.ConsistencyLossConfig).
+  c.loss = ml_collections.ConfigDict()
+  c.loss.solver = "ddim"          # paper: DDIM is the augmented PF-ODE solver of its main results
+  c.loss.skipping_step = 20       # paper: k = 20 (50 solver points on 1000 timesteps)
+  c.loss.omega_min = 2.0          # paper: omega ~ U[2, 14] (diffusers samples [5, 15])
+  c.loss.omega_max = 14.0
+  c.loss.distance = "l2"          # "l2" or "huber" (pseudo-Huber); diffusers' default is l2
+  c.loss.huber_c = 0.001          # diffusers
+  c.loss.caption_dropout = 0.0    # diffusers parses --proportion_empty_prompts but applies 0
+  c.loss.uncond = "empty_prompt"  # unconditional context: the empty prompt's embedding, or "zeros"
+  c.loss.cond_proj_init = "zeros" # the student's new guidance input: "zeros" or "torch_default"
+  c.loss.guidance_embedding_dim = 256  # time_cond_proj_dim of the student (LCM checkpoints: 256)
+  c.loss.timestep_scaling = 10.0  # boundary scalings c_skip/c_out at s = 10 t (diffusers, LCMScheduler)
+
+  # AdamW after global-norm clipping (lcm_jax.train_step.make_optimizer).
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.lr = 8e-6           # paper
+  c.optimizer.b1 = 0.9            # diffusers (torch AdamW defaults)
+  c.optimizer.b2 = 0.999
+  c.optimizer.eps = 1e-8
+  c.optimizer.weight_decay = 1e-2  # diffusers --adam_weight_decay
+  c.optimizer.max_grad_norm = 1.0  # diffusers
+  c.optimizer.schedule = "constant"  # "constant", "warmup_constant" or "warmup_cosine"
+  c.optimizer.warmup_steps = 0
+
+  c.ema_decay = 0.999943          # paper (diffusers: 0.95)
+
+  # Dtypes: "float32", "bfloat16" or "float16".
+  c.precision = ml_collections.ConfigDict()
+  c.precision.teacher_dtype = "bfloat16"  # frozen teacher UNet, VAE and text encoder (params and compute)
+  c.precision.compute_dtype = "bfloat16"  # student activations (its master weights stay float32)
+  c.precision.target_dtype = "float32"    # EMA target; bf16 cannot resolve a 0.999943 update
+
+  # Device mesh (lcm_jax.sharding): batch over data x fsdp; parameters split over fsdp.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1                # -1: all devices left after fsdp
+  c.mesh.fsdp = 1
+  # Which parameters are split over "fsdp": (regex, "fsdp" | "replicated") pairs, first match
+  # wins, searched in '/'-joined parameter paths (lcm_jax.sharding).
+  c.mesh.rules = tuple(DEFAULT_RULES)
+  c.remat = True                  # recompute the student's block activations in the backward pass
+
+  # Checkpoints, logs, samples.
+  c.checkpoint_every = 1000
+  c.keep_checkpoints = 3
+  c.log_every = 50
+  c.sample_every = 1000           # 0: never
+  c.sample_prompts = SAMPLE_PROMPTS
+  c.sample_steps = (1, 2, 4)      # LCM steps, one column each
+  c.sample_guidance_scale = 8.5   # diffusers' LatentConsistencyModelPipeline default (omega = 7.5)
+  c.compilation_cache_dir = "~/.cache/lcm_jax/jax_cache"  # "" disables the persistent cache
+  return c
+
+
+# ---------------------------------------------------------------------------------------
+# Arguments of get_config and the CPU-sized variant.
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """big_vision-style config arguments: "runlocal", "runlocal,lcf" or "size=16,lcf=True".
+
+  Each comma-separated item is `name=value` or a bare `name` (True); every name must be a
+  keyword of `defaults`, and each value is converted to its default's type.
+  """
+  parsed = ml_collections.ConfigDict(dict(defaults))
+  for item in filter(None, (arg or "").split(",")):
+    name, sep, value = item.partition("=")
+    name = name.strip()
+    if name not in defaults:
+      raise ValueError(f"unknown config argument {name!r}; this config takes {', '.join(defaults) or 'none'}")
+    default = defaults[name]
+    if not sep:
+      converted: Any = True
+    elif isinstance(default, bool):
+      if value.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(f"config argument {name} takes true or false, got {value!r}")
+      converted = value.lower() in ("true", "1")
+    else:
+      converted = type(default)(value) if default is not None else value
+    parsed[name] = converted
+  return parsed
+
+
+def cpu_settings(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """What any CPU run wants: float32 (bf16 is slower than fp32 on CPUs and not bit-reproducible),
+  no rematerialisation, data decoded in this process, no persistent compilation cache."""
+  for key in ("teacher_dtype", "compute_dtype", "target_dtype"):
+    c.precision[key] = "float32"
+  c.remat = False
+  c.data.num_workers = 0
+  c.compilation_cache_dir = ""
+  return c
+
+
+def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks a real config to a run that finishes on a CPU in seconds (give a tiny teacher and
+  data on the command line): the smallest SD resolution, 2 images a step, 4 steps with a
+  checkpoint every 2, a log every step, no sample grids; the loss and optimiser are unchanged."""
+  cpu_settings(c)
+  c.resolution = 64
+  c.batch_size = 2
+  c.num_train_steps = 4
+  c.checkpoint_every = 2
+  c.keep_checkpoints = 2
+  c.log_every = 1
+  c.sample_every = 0
+  c.data.read_threads = 2
+  return c
+
+
+# ---------------------------------------------------------------------------------------
+# Validation, before anything is loaded.
+
+def unknown_keys(config: ml_collections.ConfigDict, base: ml_collections.ConfigDict | None = None,
+                 prefix: str = "") -> list[str]:
+  """Keys of `config` that `base_config()` does not have (typos in a config file), dotted."""
+  base = base_config() if base is None else base
+  out = []
+  for key in config.keys():
+    name = prefix + key
+    if key not in base:
+      out.append(name)
+    elif isinstance(config[key], ml_collections.ConfigDict) and isinstance(base[key], ml_collections.ConfigDict):
+      out.extend(unknown_keys(config[key], base[key], name + "."))
+  return out
+
+
+def _positive_int(key: str, value: Any, allow_zero: bool = False) -> None:
+  if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < (0 if allow_zero else 1):
+    raise LcmJaxError(f"config.{key} must be a {'non-negative' if allow_zero else 'positive'} integer, "
+                      f"got {value!r}")
+
+
+def _one_of(key: str, value: Any, choices: tuple[str, ...] | Mapping[str, Any]) -> None:
+  if value not in choices:
+    raise LcmJaxError(f"config.{key} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises LcmJaxError for a config no run can use (before anything is loaded)."""
+  unknown = unknown_keys(config)
+  if unknown:
+    raise LcmJaxError(f"the config has keys the trainer does not know: {', '.join(unknown)} (a typo?)")
+  _one_of("mode", config.mode, MODES)
+  if config.mode == "lcd" and not config.teacher:
+    raise LcmJaxError("config.teacher is empty: LCD needs a teacher (a diffusers pipeline folder or "
+                      "hub id); pass --config.teacher=...")
+  if config.mode == "lcf" and not config.init_from:
+    raise LcmJaxError("config.init_from is empty: LCF fine-tunes an existing LCM (a pipeline folder or "
+                      "a workdir); pass --config.init_from=...")
+  _one_of("init_params", config.init_params, ("ema", "online"))
+  if not config.data.path:
+    raise LcmJaxError("config.data.path is empty: pass --config.data.path=...")
+  for key in ("resolution", "batch_size", "num_train_steps", "checkpoint_every", "keep_checkpoints",
+              "log_every"):
+    _positive_int(key, config[key])
+  _positive_int("sample_every", config.sample_every, allow_zero=True)
+  for key in ("teacher_dtype", "compute_dtype", "target_dtype"):
+    _one_of(f"precision.{key}", config.precision[key], DTYPES)
+  _one_of("loss.uncond", config.loss.uncond, UNCONDS)
+  if not 0.0 <= config.ema_decay <= 1.0:
+    raise LcmJaxError(f"config.ema_decay must be in [0, 1], got {config.ema_decay}")
+  if config.sample_every and not config.sample_prompts:
+    raise LcmJaxError("config.sample_prompts is empty but config.sample_every asks for sample grids")
+  loss_config(config, guidance_embedding_dim=config.loss.guidance_embedding_dim)  # its own checks
+
+
+def loss_config(config: ml_collections.ConfigDict, guidance_embedding_dim: int):
+  """The `lcm_jax.losses.ConsistencyLossConfig` of `config.loss` (validated by its constructor)."""
+  from lcm_jax.losses import ConsistencyLossConfig
+  c = config.loss
+  return ConsistencyLossConfig(
+      solver=c.solver, skipping_step=c.skipping_step, omega_min=c.omega_min, omega_max=c.omega_max,
+      distance=c.distance, huber_c=c.huber_c, timestep_scaling=c.timestep_scaling,
+      guidance_embedding_dim=guidance_embedding_dim, caption_dropout=c.caption_dropout)

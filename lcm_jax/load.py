@@ -1,0 +1,38 @@
+"""`load_pipeline`: a model by any name users give it (diffusers folder, hub id, or training workdir)."""
+
+from __future__ import annotations
+
+import os
+
+import jax.numpy as jnp
+
+from lcm_jax import workdir as workdir_lib
+from lcm_jax.sd_pipeline import DEFAULT_COMPONENTS, Pipeline, load_pipeline_folder
+
+
+def load_pipeline(path_or_repo_id: str, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                  components: tuple[str, ...] = DEFAULT_COMPONENTS, variant: str | None = None,
+                  revision: str | None = None, params: str = "ema") -> Pipeline:
+  """Loads a Stable Diffusion / LCM pipeline into Flax modules and parameter trees.
+
+  Args:
+    path_or_repo_id: a local diffusers pipeline folder, a Hugging Face Hub repo id
+      (downloaded with `huggingface_hub` when online), or a `python -m lcm_jax.train`
+      workdir (its latest checkpoint's UNet with the workdir's VAE, text encoder and LCM
+      scheduler; all components are loaded).
+    params: for a workdir, which UNet parameters: "ema" (the EMA target, default) or
+      "online" (the student).
+    dtype: compute dtype of the modules (jnp.float32 or jnp.bfloat16).
+    param_dtype: dtype the parameters are stored in.
+    components: which of unet, vae, text_encoder, tokenizer, scheduler to load (folders only).
+    variant: a weights variant such as "fp16" (`diffusion_pytorch_model.fp16.safetensors`).
+    revision: hub revision.
+
+  Raises:
+    LcmJaxError (and subclasses) with a message that says what is wrong.
+  """
+  path = os.path.expanduser(path_or_repo_id)
+  if workdir_lib.is_workdir(path):
+    return workdir_lib.load_pipeline_from_workdir(path, params=params, dtype=dtype, param_dtype=param_dtype)
+  return load_pipeline_folder(path_or_repo_id, dtype=dtype, param_dtype=param_dtype, components=components,
+                              variant=variant, revision=revision)
