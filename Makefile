@@ -1,4 +1,5 @@
 # `make test`: create .venv if missing, install lcm-jax with the test extra, run the suite.
+# `make test-fast`: the same without the end-to-end tests marked slow (a few minutes).
 # `make demo`: the quick-start job (see README).
 PYTHON ?= python3
 VENV ?= .venv
@@ -6,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CORE_STAMP := $(VENV)/.installed-core
 
-.PHONY: test demo toy-table install clean
+.PHONY: test test-fast demo toy-table install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +26,9 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=15 tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q --durations=10 -m "not slow" tests
 
 demo: $(CORE_STAMP)
 	$(PY) -m lcm_jax.toy.demo
