@@ -7,10 +7,12 @@ program exits with status 2, with no traceback. Anything else is a bug and keeps
 from __future__ import annotations
 
 import contextlib
+import os
+import re
 import sys
 from collections.abc import Callable, Iterator
 
-from absl import app
+from absl import app, flags
 
 from lcm_jax.errors import LcmJaxError
 
@@ -47,3 +49,34 @@ def help_exits_zero() -> Iterator[None]:
     if e.code == 1 and any(a in ("--help", "-h", "-?", "--helpshort", "--helpfull") for a in sys.argv[1:]):
       sys.exit(0)
     raise
+
+
+def parse_flags_with_config(argv: list[str]) -> list[str]:
+  """absl flag parsing for programs with a `--config` file flag (ml_collections' config_flags),
+  with every error as one line: config_flags reports an unknown `--config.key` with a
+  traceback, and absl a bad value on two lines. Returns the arguments left: the program name
+  and any positional arguments."""
+  config_arg = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), None)
+  if config_arg is not None and not os.path.isfile(config_arg.split(":")[0]):
+    fail(f"config file {config_arg.split(':')[0]} does not exist")
+  app.define_help_flags()  # --help, --helpshort, ... (app.run would define them only after this parse)
+  try:
+    with help_exits_zero():
+      return flags.FLAGS(argv)
+  except flags.Error as e:
+    fail(f"{e} (see --help)")
+  except (AttributeError, KeyError) as e:  # config_flags: a --config.a.b naming no key
+    fail(_unknown_config_key_message(str(e), argv))
+  except Exception as e:  # noqa: BLE001  config_flags raises TypeError/ValueError for bad values
+    fail(f"bad flags: {' '.join(str(e).split())}")
+
+
+def _unknown_config_key_message(error: str, argv: list[str]) -> str:
+  """One line naming the `--config.` flag whose key does not exist (from config_flags' error text)."""
+  text = error.replace("\\n", " ").replace("\\", "")
+  name = re.search(r"'(\w+)'", text)
+  name = name.group(1) if name else ""
+  flag = next((a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
+               and name in a.split("=")[0].split(".")), "a --config. flag")
+  suggestion = re.search(r'Did you mean "(\w+)"', text)
+  return f"unknown config key {flag}" + (f' (did you mean "{suggestion.group(1)}"?)' if suggestion else "")

@@ -57,6 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = default_data_config()  # path, format, center_crop, random_flip, ... (lcm_jax.data)
   c.resolution = 512        # pixels; must be a multiple of VAE factor x 2^(UNet down blocks - 1)
   c.batch_size = 72         # global; paper: 72 at 512, 16 at 768
+  c.grad_accum_steps = 1    # > 1: the batch runs as this many microbatches, one optimiser step
   c.num_train_steps = 100_000  # paper: 100k iterations
   c.seed = 0
 
@@ -212,8 +213,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   _one_of("init_params", config.init_params, ("ema", "online"))
   if not config.data.path:
     raise LcmJaxError("config.data.path is empty: pass --config.data.path=...")
-  for key in ("resolution", "batch_size", "num_train_steps", "checkpoint_every", "keep_checkpoints",
-              "log_every"):
+  for key in ("resolution", "batch_size", "grad_accum_steps", "num_train_steps", "checkpoint_every",
+              "keep_checkpoints", "log_every"):
     _positive_int(key, config[key])
   _positive_int("sample_every", config.sample_every, allow_zero=True)
   for key in ("teacher_dtype", "compute_dtype", "target_dtype"):

@@ -15,11 +15,9 @@ at the next step boundary and exits cleanly. Everything lands in the workdir (la
 
 from __future__ import annotations
 
-import os
-import re
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from lcm_jax import cli
 
@@ -52,36 +50,11 @@ def main(config_flag) -> None:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing with every error as one line (config_flags reports an unknown
-  `--config.key` with a traceback, and absl a bad value on two lines). Returns the
-  arguments left: the program name and any positional arguments."""
-  config_arg = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), None)
-  if config_arg is not None and not os.path.isfile(config_arg.split(":")[0]):
-    cli.fail(f"config file {config_arg.split(':')[0]} does not exist")
-  app.define_help_flags()  # --help, --helpshort, ... (app.run would define them only after this parse)
-  try:
-    with cli.help_exits_zero():
-      rest = flags.FLAGS(argv)
-  except flags.Error as e:
-    cli.fail(f"{e} (see --help)")
-  except (AttributeError, KeyError) as e:  # config_flags: a --config.a.b naming no key
-    cli.fail(unknown_key_message(str(e), argv))
-  except Exception as e:  # noqa: BLE001  config_flags raises TypeError/ValueError for bad values
-    cli.fail(f"bad flags: {' '.join(str(e).split())}")
+  """The flags, every error as one line; returns the program name and positional arguments."""
+  rest = cli.parse_flags_with_config(argv)
   if flags.FLAGS.workdir is None:
     cli.fail("--workdir is required")
   return rest
-
-
-def unknown_key_message(error: str, argv: list[str]) -> str:
-  """One line naming the `--config.` flag whose key does not exist (from config_flags' error text)."""
-  text = error.replace("\\n", " ").replace("\\", "")
-  name = re.search(r"'(\w+)'", text)
-  name = name.group(1) if name else ""
-  flag = next((a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
-               and name in a.split("=")[0].split(".")), "a --config. flag")
-  suggestion = re.search(r'Did you mean "(\w+)"', text)
-  return f"unknown config key {flag}" + (f' (did you mean "{suggestion.group(1)}"?)' if suggestion else "")
 
 
 if __name__ == "__main__":

@@ -184,10 +184,55 @@ def train_state_shardings(optimizer: optax.GradientTransformation, abstract_para
 # ---------------------------------------------------------------------------------------
 # Step.
 
+def accumulated_value_and_grad(loss_fn: LossFn, params: Any, target: Any, frozen: Any, batch: Any,
+                               rng: jax.Array, num_microbatches: int = 1) -> tuple[tuple[jax.Array, dict], Any]:
+  """((loss, aux), grads) of `loss_fn` w.r.t. `params`, over `num_microbatches` equal slices
+  of `batch` (every leaf split on its leading dim) scanned one after another.
+
+  The result is the mean over microbatches of each one's loss, metrics and gradient (fp32
+  accumulators); with equal microbatches of a per-example mean loss that equals the whole
+  batch's gradient. Microbatch i holds examples i, i + M, i + 2M, ... Microbatch i draws its randomness from fold_in(rng, i); one microbatch
+  uses `rng` itself, so M = 1 is exactly the plain step.
+  """
+  def value_and_grad(micro, key):
+    def objective(p):
+      loss, aux = loss_fn(p, target, frozen, micro, key)
+      return jnp.asarray(loss, jnp.float32), dict(aux or {})
+    return jax.value_and_grad(objective, has_aux=True)(params)
+
+  if num_microbatches == 1:
+    return value_and_grad(batch, rng)
+  sizes = {x.shape[0] for x in jax.tree.leaves(batch)}
+  if len(sizes) != 1 or next(iter(sizes)) % num_microbatches:
+    raise LcmJaxError(f"the batch's leading sizes {sorted(sizes)} do not split into {num_microbatches} "
+                      "equal microbatches (grad_accum_steps)")
+  # Strided microbatches (i takes examples i, i + M, ...): each device's contiguous share of
+  # the batch then feeds every microbatch equally, so no microbatch waits on a few devices
+  # and nothing moves between devices.
+  micro_batches = jax.tree.map(lambda x: x.reshape(-1, num_microbatches, *x.shape[1:]).swapaxes(0, 1), batch)
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+
+  def body(carry, xs):
+    i, micro = xs
+    (loss, aux), grads = value_and_grad(micro, jax.random.fold_in(rng, i))
+    total_grads, total_loss, total_aux = carry
+    total_grads = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), total_grads, grads)
+    total_aux = jax.tree.map(lambda a, v: a + jnp.asarray(v, jnp.float32), total_aux, aux)
+    return (total_grads, total_loss + loss, total_aux), None
+
+  aux_shapes = jax.eval_shape(lambda: value_and_grad(jax.tree.map(lambda x: x[0], micro_batches), rng)[0][1])
+  zero_aux = jax.tree.map(lambda a: jnp.zeros((), jnp.float32), aux_shapes)
+  (grads, loss, aux), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32), zero_aux),
+                                       (jnp.arange(num_microbatches, dtype=jnp.uint32), micro_batches))
+  mean = lambda x: x / num_microbatches
+  grads = jax.tree.map(lambda g, p: mean(g).astype(p.dtype), grads, params)
+  return (mean(loss), jax.tree.map(mean, aux)), grads
+
+
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
                     ema_decay: float, *, mesh: Mesh | None = None,
                     state_shardings: TrainState | None = None, frozen_shardings: Any = None,
-                    batch_shardings: Any = None, donate: bool = True):
+                    batch_shardings: Any = None, donate: bool = True, grad_accum_steps: int = 1):
   """The jitted `step(state, frozen, batch) -> (new_state, metrics)`.
 
   Args:
@@ -200,6 +245,11 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
       (default: every batch leaf split on its leading dim over ("data", "fsdp")). Inputs
       must already carry these shardings (`jax.device_put` or a jitted initialiser).
     donate: donate the input state's buffers to the new state (the old one is unusable).
+    grad_accum_steps: M > 1 splits the batch into M equal microbatches along its leading
+      dim, runs them one after another (`lax.scan`, so activations are those of one
+      microbatch) and averages their gradients in float32 before one optimiser step; the
+      loss and metrics are microbatch means. Microbatch i draws from `fold_in(step key, i)`;
+      M = 1 draws from the step key itself.
 
   Returns:
     The `jax.jit`-wrapped step (it has `.lower(...)` for ahead-of-time compilation).
@@ -214,11 +264,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
     target = jax.lax.stop_gradient(state.target_params)
     frozen = jax.lax.stop_gradient(frozen)
 
-    def objective(params):
-      loss, aux = loss_fn(params, target, frozen, batch, rng)
-      return jnp.asarray(loss, jnp.float32), dict(aux or {})
-
-    (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+    (loss, aux), grads = accumulated_value_and_grad(loss_fn, state.params, target, frozen, batch, rng,
+                                                    grad_accum_steps)
     grad_norm = optax.tree.norm(jax.tree.map(lambda g: g.astype(jnp.float32), grads))
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -237,6 +284,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
                               opt_state=opt_state)
     return new_state, metrics
 
+  if not isinstance(grad_accum_steps, int) or grad_accum_steps < 1:
+    raise LcmJaxError(f"grad_accum_steps must be a positive integer, got {grad_accum_steps!r}")
   donate_argnums = (0,) if donate else ()
   if mesh is None:
     if any(s is not None for s in (state_shardings, frozen_shardings, batch_shardings)):

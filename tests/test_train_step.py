@@ -390,3 +390,81 @@ def test_sharded_step_matches_single_device():
     assert result["max_param_diff"] < 1e-5, (name, result)
     assert result["max_target_diff"] < 1e-5, (name, result)
     assert result["max_loss_diff"] < 1e-5, (name, result)
+
+
+# ---------------------------------------------------------------------------------------
+# Gradient accumulation.
+
+def _regression_loss(params, target, frozen, batch, rng):
+  """A per-example mean loss that draws no randomness: microbatching must not change it."""
+  del target, frozen, rng
+  h = jnp.tanh(batch["x"] @ params["w1"] + params["b1"])
+  err = h @ params["w2"] - batch["y"]
+  return jnp.mean(err ** 2), {"err": jnp.mean(jnp.abs(err))}
+
+
+def _regression_setup(batch_size=8):
+  rng = np.random.default_rng(3)
+  params = {"w1": jnp.asarray(rng.standard_normal((5, 7)), jnp.float32),
+            "b1": jnp.asarray(rng.standard_normal(7), jnp.float32),
+            "w2": jnp.asarray(rng.standard_normal((7, 3)), jnp.float32)}
+  batch = {"x": jnp.asarray(rng.standard_normal((batch_size, 5)), jnp.float32),
+           "y": jnp.asarray(rng.standard_normal((batch_size, 3)), jnp.float32)}
+  return params, batch
+
+
+def test_four_microbatches_of_two_equal_one_batch_of_eight():
+  """The accumulated gradient, the loss, the metrics and the updated parameters equal the
+  whole batch's (lr 1e-2: a skipped or doubled microbatch moves the parameters by ~1e-3)."""
+  from lcm_jax.train_step import accumulated_value_and_grad
+  params, batch = _regression_setup(8)
+  key = jax.random.key(0)
+  (loss1, aux1), grads1 = accumulated_value_and_grad(_regression_loss, params, None, None, batch, key, 1)
+  (loss4, aux4), grads4 = accumulated_value_and_grad(_regression_loss, params, None, None, batch, key, 4)
+  np.testing.assert_allclose(loss4, loss1, rtol=1e-6)
+  np.testing.assert_allclose(aux4["err"], aux1["err"], rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), grads4, grads1)
+  # Leaving one microbatch out would be a different gradient by far more than the tolerance.
+  (_, _), grads3 = accumulated_value_and_grad(_regression_loss, params, None, None,
+                                              jax.tree.map(lambda x: x[:6], batch), key, 3)
+  assert max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(grads3), jax.tree.leaves(grads1))) > 1e-3
+
+  optimizer = make_optimizer(1e-2, weight_decay=1e-2, max_grad_norm=1.0)
+  states = {m: create_train_state(params, optimizer, jax.random.PRNGKey(0)) for m in (1, 4)}
+  for m in (1, 4):
+    step = make_train_step(_regression_loss, optimizer, 0.9, grad_accum_steps=m, donate=False)
+    states[m], _ = step(states[m], None, batch)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6),
+               states[4].params, states[1].params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6),
+               states[4].target_params, states[1].target_params)
+  moved = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(states[1].params), jax.tree.leaves(params)))
+  assert moved > 1e-3
+
+
+def test_microbatches_are_strided_and_draw_their_own_keys():
+  """With a loss that uses its key, microbatch i sees examples i, i + M, ... and key
+  fold_in(rng, i): the accumulated gradient is the mean of those four gradients."""
+  from lcm_jax.train_step import accumulated_value_and_grad
+
+  def noisy_loss(params, target, frozen, batch, rng):
+    noise = jax.random.normal(rng, batch["y"].shape)
+    loss, aux = _regression_loss(params, target, frozen, dict(batch, y=batch["y"] + noise), rng)
+    return loss, aux
+
+  params, batch = _regression_setup(8)
+  key = jax.random.key(1)
+  (_, _), grads = accumulated_value_and_grad(noisy_loss, params, None, None, batch, key, 4)
+  parts = [jax.grad(lambda p, i=i: noisy_loss(p, None, None, jax.tree.map(lambda x: x[i::4], batch),
+                                              jax.random.fold_in(key, i))[0])(params) for i in range(4)]
+  want = jax.tree.map(lambda *g: sum(g) / 4, *parts)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), grads, want)
+
+
+def test_grad_accum_rejects_batches_that_do_not_split():
+  from lcm_jax.train_step import accumulated_value_and_grad
+  params, batch = _regression_setup(6)
+  with pytest.raises(LcmJaxError, match="do not split into 4"):
+    accumulated_value_and_grad(_regression_loss, params, None, None, batch, jax.random.key(0), 4)
+  with pytest.raises(LcmJaxError, match="grad_accum_steps must be a positive integer"):
+    make_train_step(_regression_loss, make_optimizer(1e-3), 0.9, grad_accum_steps=0)

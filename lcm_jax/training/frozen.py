@@ -61,14 +61,21 @@ class FrozenModels:
   scaling_factor: float
 
 
-def load_frozen_models(config, sources: Sources, mesh: jax.sharding.Mesh, *, tokenizer,
-                       latents_format: bool) -> FrozenModels:
-  """Loads what the run needs: the teacher UNet (LCD), and the VAE + text encoder when images
-  are encoded in the step, the unconditional context is the empty prompt's, or samples are drawn."""
-  teacher_dtype = jnp.dtype(config.precision.teacher_dtype)
-  rules = tuple(config.mesh.rules)
+def needed_components(config, latents_format: bool) -> tuple[bool, bool]:
+  """(needs the VAE, needs the text encoder): when images are encoded in the step, the
+  unconditional context is the empty prompt's (text encoder), or samples are drawn."""
   needs_text = not latents_format or config.loss.uncond == "empty_prompt" or config.sample_every > 0
   needs_vae = not latents_format or config.sample_every > 0
+  return needs_vae, needs_text
+
+
+def load_frozen_models(config, sources: Sources, mesh: jax.sharding.Mesh, *, tokenizer,
+                       latents_format: bool) -> FrozenModels:
+  """Loads what the run needs: the teacher UNet (LCD), and the VAE and text encoder where
+  `needed_components` says so."""
+  teacher_dtype = jnp.dtype(config.precision.teacher_dtype)
+  rules = tuple(config.mesh.rules)
+  needs_vae, needs_text = needed_components(config, latents_format)
   kw = dict(dtype=teacher_dtype, param_dtype=teacher_dtype, variant=sources.base_variant, rules=rules)
   vae, vae_params = (load_sharded(os.path.join(sources.base, "vae"), "vae", mesh, **kw)
                      if needs_vae else (None, None))
@@ -101,3 +108,36 @@ def _load_teacher(sources: Sources, mesh, teacher_dtype, rules):
                          variant=sources.base_variant, config=config, rules=rules)
   cast = lambda tree: jax.tree.map(lambda x: x.astype(teacher_dtype), tree)
   return module, fp32, jax.jit(cast, out_shardings=jax.tree.map(lambda x: x.sharding, fp32))(fp32)
+
+
+def abstract_frozen_models(config, sources: Sources, mesh: jax.sharding.Mesh, *, latents_format: bool,
+                           context_length: int) -> FrozenModels:
+  """The frozen side as `load_frozen_models` lays it out, with `jax.ShapeDtypeStruct`s (carrying
+  their shardings) instead of weights: for compiling the step without loading anything."""
+  dtype = jnp.dtype(config.precision.teacher_dtype)
+  rules = tuple(config.mesh.rules)
+  needs_vae, needs_text = needed_components(config, latents_format)
+
+  def abstract(component: str, component_config, param_dtype=dtype):
+    module = build_module(component, component_config, dtype=dtype, param_dtype=param_dtype)
+    shapes = abstract_params(module)
+    shardings = param_shardings(shapes, mesh, rules=rules)
+    return module, jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+
+  vae, vae_params = abstract("vae", sources.vae_config) if needs_vae else (None, None)
+  text_encoder, text_params = (abstract("text_encoder", read_json(os.path.join(sources.base, "text_encoder",
+                                                                               "config.json")))
+                               if needs_text and sources.base else (None, None))
+  context_dim = int(UNetConfig.from_dict(sources.student_unet_config).cross_attention_dim)
+  uncond_dtype = dtype if config.loss.uncond == "empty_prompt" else jnp.dtype(config.precision.compute_dtype)
+  arrays = {"uncond_context": jax.ShapeDtypeStruct((1, context_length, context_dim), uncond_dtype,
+                                                   sharding=replicated(mesh))}
+  if not latents_format:
+    arrays["vae"], arrays["text_encoder"] = vae_params, text_params
+  teacher = teacher_fp32 = None
+  if sources.teacher:
+    teacher_config = read_json(os.path.join(sources.teacher, "unet", "config.json"))
+    teacher, arrays["teacher"] = abstract("unet", teacher_config)
+  return FrozenModels(vae=vae, vae_params=vae_params, text_encoder=text_encoder, text_params=text_params,
+                      teacher=teacher, teacher_fp32=teacher_fp32, arrays=arrays,
+                      scaling_factor=vae_scaling_factor(sources.vae_config))

@@ -95,10 +95,17 @@ def check_resolution(resolution: int, unet_config: Mapping, vae_config: Mapping)
         f"x 2 per UNet down block but the last); use e.g. {below or above} or {above}")
 
 
-def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh) -> None:
+def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh, grad_accum_steps: int = 1) -> None:
+  """The global batch must split evenly over the devices, each device's share over the
+  microbatches, and the batch over the processes."""
   devices = int(np.prod(list(mesh.shape.values())))
   if batch_size % devices:
     raise LcmJaxError(
         f"config.batch_size={batch_size} is not divisible by the {devices} data-parallel devices "
         f"(mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}); use a multiple of {devices}")
+  if (batch_size // devices) % grad_accum_steps:
+    raise LcmJaxError(
+        f"config.batch_size={batch_size} gives {batch_size // devices} examples per device, which do not split "
+        f"into config.grad_accum_steps={grad_accum_steps} microbatches; use a batch that is a multiple of "
+        f"{devices * grad_accum_steps}")
   local_batch_size(batch_size)  # and by the number of processes

@@ -145,7 +145,7 @@ def plan_run(config: ml_collections.ConfigDict, workdir: str) -> RunPlan:
   sources = resolve_sources(config)
   check_resolution(config.resolution, sources.student_unet_config, sources.vae_config)
   mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
-  check_batch_size(config.batch_size, mesh)
+  check_batch_size(config.batch_size, mesh, config.grad_accum_steps)
   schedule = schedule_from_config(sources.scheduler_config)
   loss_config(config, int(sources.student_unet_config["time_cond_proj_dim"]))  # checks the loss against the model
   return RunPlan(config=config, workdir=workdir, sources=sources, mesh=mesh, schedule=schedule,
@@ -205,6 +205,31 @@ def unet_apply(module):
                                                                     timestep_cond)
 
 
+def make_step(config: ml_collections.ConfigDict, schedule: Schedule, mesh: jax.sharding.Mesh, student: Student,
+              frozen: FrozenModels, state_shardings, latents_format: bool) -> tuple[Callable, Callable[[dict], dict]]:
+  """(the jitted, sharded step, host batch -> device batch): batch preparation (VAE and text
+  encoder for image batches, the posterior draw) and the consistency loss in one step. Works
+  on abstract arrays too (`lcm_jax.bench.memory_plan` compiles it without weights)."""
+  unet_config = student.module.config
+  consistency_loss = make_loss_fn(config.mode, unet_apply(student.module), schedule,
+                                  loss_config(config, int(unet_config.time_cond_proj_dim)),
+                                  unet_apply(frozen.teacher) if frozen.teacher is not None else None)
+  prepare = make_batch_preparation(frozen.vae, frozen.text_encoder, frozen.scaling_factor)
+
+  def loss_fn(student_params, target_params, frozen_arrays, batch, rng):
+    posterior_rng, loss_rng = jax.random.split(rng)
+    return consistency_loss(student_params, target_params, frozen_arrays, prepare(frozen_arrays, batch, posterior_rng),
+                            loss_rng)
+
+  data_sharding = batch_sharding(mesh)
+  train_step = make_train_step(loss_fn, build_optimizer(config), config.ema_decay, mesh=mesh,
+                               state_shardings=state_shardings,
+                               frozen_shardings=jax.tree.map(lambda x: x.sharding, frozen.arrays),
+                               batch_shardings=data_sharding, grad_accum_steps=config.grad_accum_steps)
+  keys = device_keys(latents_format)
+  return train_step, lambda b: make_global_batch({k: b[k] for k in keys}, data_sharding)
+
+
 def compile_step(plan: RunPlan, student: Student, frozen: FrozenModels, state: TrainState, state_shardings,
                  host_batch: dict) -> tuple[Callable, Callable[[dict], dict]]:
   """(compiled step, host batch -> device batch), compiled on the shapes of the first batch
@@ -215,23 +240,8 @@ def compile_step(plan: RunPlan, student: Student, frozen: FrozenModels, state: T
                     resolution=config.resolution,
                     latent_hw=config.resolution // downsampling_factor(sources.vae_config),
                     latent_channels=int(unet_config.in_channels), context_dim=int(unet_config.cross_attention_dim))
-  consistency_loss = make_loss_fn(config.mode, unet_apply(student.module), plan.schedule,
-                                  loss_config(config, int(unet_config.time_cond_proj_dim)),
-                                  unet_apply(frozen.teacher) if frozen.teacher is not None else None)
-  prepare = make_batch_preparation(frozen.vae, frozen.text_encoder, frozen.scaling_factor)
-
-  def loss_fn(student_params, target_params, frozen_arrays, batch, rng):
-    posterior_rng, loss_rng = jax.random.split(rng)
-    return consistency_loss(student_params, target_params, frozen_arrays, prepare(frozen_arrays, batch, posterior_rng),
-                            loss_rng)
-
-  data_sharding = batch_sharding(plan.mesh)
-  train_step = make_train_step(loss_fn, build_optimizer(config), config.ema_decay, mesh=plan.mesh,
-                               state_shardings=state_shardings,
-                               frozen_shardings=jax.tree.map(lambda x: x.sharding, frozen.arrays),
-                               batch_shardings=data_sharding)
-  keys = device_keys(plan.latents_format)
-  to_device = lambda b: make_global_batch({k: b[k] for k in keys}, data_sharding)
+  train_step, to_device = make_step(config, plan.schedule, plan.mesh, student, frozen, state_shardings,
+                                    plan.latents_format)
   plan.log("compiling the train step ...")
   start = time.perf_counter()
   compiled = train_step.lower(state, frozen.arrays, to_device(host_batch)).compile()
