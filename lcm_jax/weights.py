@@ -7,7 +7,9 @@ The naming contract every module in `lcm_jax.models` follows:
 * An element of a PyTorch `ModuleList` / `Sequential` called `X` at index `N` is the Flax
   submodule `X_N` (`down_blocks_0`, `resnets_1`, `to_out_0`, `net_2`, `layers_11`). Only the
   names in `LIST_ATTRIBUTES` are lists; `linear_1` in the time embedding is not.
-* Leaves are named as Flax names them (`kernel`, `bias`, `scale`, `embedding`).
+* Leaves are named as Flax names them (`kernel`, `bias`, `scale`, `embedding`); a torch
+  `nn.Parameter` attribute keeps its own name (`class_embedding`, `logit_scale`), and frozen
+  BatchNorm statistics are the leaves `mean` / `var` (torch `running_mean` / `running_var`).
 
 Given that contract, a Flax path maps to exactly one PyTorch key, and `LAYOUT_RULES` is the
 one table saying how each kind of tensor changes layout. Loading walks the *target* tree
@@ -58,6 +60,14 @@ LAYOUT_RULES: tuple[LayoutRule, ...] = (
     LayoutRule("norm", "scale", 1, "weight", _identity, _identity),
     LayoutRule("embedding", "embedding", 2, "weight", _identity, _identity),
     LayoutRule("bias", "bias", 1, "bias", _identity, _identity),
+    # `nn.Parameter` attributes stored under their own name, without `.weight`: CLIP's class
+    # token (vision_model.embeddings.class_embedding) and CLIPModel's logit_scale (a scalar).
+    LayoutRule("parameter", "class_embedding", 1, "class_embedding", _identity, _identity),
+    LayoutRule("parameter", "logit_scale", 0, "logit_scale", _identity, _identity),
+    # Inference-only BatchNorm (lcm_jax.eval.inception) keeps torch's running statistics as
+    # parameters named `mean` and `var`.
+    LayoutRule("running_mean", "mean", 1, "running_mean", _identity, _identity),
+    LayoutRule("running_var", "var", 1, "running_var", _identity, _identity),
 )
 
 # Old VAE checkpoints (before diffusers 0.14) name the mid-block attention projections
@@ -181,7 +191,8 @@ def torch_to_flax(tensors: Mapping[str, np.ndarray], target: Mapping, *, prefix:
     array = np.asarray(tensors[stored_by_new[key]])
     if array.ndim == 4 and rule.kind == "linear":  # a 1x1 conv stored for a linear layer
       array = array[:, :, 0, 0]
-    converted = np.ascontiguousarray(rule.to_flax(array)).astype(leaf.dtype, copy=False)
+    # np.asarray(order="C"), not np.ascontiguousarray, which turns a 0-d array (logit_scale) into 1-d.
+    converted = np.asarray(rule.to_flax(array), order="C").astype(leaf.dtype, copy=False)
     out[path] = place(path, converted)
     del array, converted
   return unflatten_tree(out)
@@ -197,7 +208,7 @@ def flax_to_torch(params: Mapping, *, prefix: str = "", dtype: Any = None) -> di
   for path, leaf in flatten_tree(params).items():
     a = np.asarray(jax.device_get(leaf))
     rule = _rule_for(path[-1], a.ndim)
-    a = np.ascontiguousarray(rule.to_torch(a))
+    a = np.asarray(rule.to_torch(a), order="C")
     if dtype is not None:
       a = a.astype(dtype)
     out[prefix + flax_path_to_torch_key(path)] = a

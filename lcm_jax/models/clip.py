@@ -10,6 +10,13 @@ Parameter paths follow the naming contract in `lcm_jax.weights` and the layout o
 checkpoints on the hub: `text_model/embeddings/token_embedding/embedding`,
 `text_model/encoder/layers_0/self_attn/q_proj/kernel`, `text_model/final_layer_norm/scale`.
 Layer-norm statistics and the attention softmax are computed in float32 whatever `dtype` is.
+
+For the CLIP score (`lcm_jax.eval.clip_score`) the module also has transformers'
+`CLIPModel`: the same text transformer, a ViT vision tower (`CLIPVisionTransformer`,
+bidirectional attention, class-token pooling) and the two bias-free projections, so the
+`model.safetensors` of `openai/clip-vit-large-patch14`, `laion/CLIP-ViT-H-14-laion2B-s32B-b79K`
+and `laion/CLIP-ViT-g-14-laion2B-s12B-b42K` load by name (`vision_model/embeddings/
+class_embedding`, `visual_projection/kernel`, `logit_scale`).
 """
 
 from __future__ import annotations
@@ -179,7 +186,11 @@ class CLIPTextEmbeddings(_CLIPModule):
 
 
 class CLIPAttention(_CLIPModule):
-  """Causal multi-head self-attention with biased q/k/v/out projections. [B, L, D] -> [B, L, D]."""
+  """Causal multi-head self-attention with biased q/k/v/out projections. [B, L, D] -> [B, L, D].
+
+  `causal=False` is the vision tower's attention (every patch sees every patch).
+  """
+  causal: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -190,7 +201,7 @@ class CLIPAttention(_CLIPModule):
         batch, length, c.num_attention_heads, c.head_dim)
     q, k, v = heads("q_proj"), heads("k_proj"), heads("v_proj")
     # XLA's implementation takes the logits and the softmax in float32 for any input dtype.
-    out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal, implementation="xla")
     return nn.Dense(c.hidden_size, name="out_proj", **kw)(out.reshape(batch, length, -1))
 
 
@@ -213,22 +224,24 @@ def _layer_norm(config: CLIPTextConfig, name: str, dtype: Dtype, param_dtype: Dt
 
 class CLIPEncoderLayer(_CLIPModule):
   """x + attn(LN1(x)), then + mlp(LN2(.)). [B, L, D] -> [B, L, D]."""
+  causal: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     kw = self.dtypes
-    x = x + CLIPAttention(self.config, name="self_attn", **kw)(
+    x = x + CLIPAttention(self.config, causal=self.causal, name="self_attn", **kw)(
         _layer_norm(self.config, "layer_norm1", **kw)(x))
     return x + CLIPMLP(self.config, name="mlp", **kw)(_layer_norm(self.config, "layer_norm2", **kw)(x))
 
 
 class CLIPEncoder(_CLIPModule):
   """`layers_0` ... `layers_{N-1}`. [B, L, D] -> [B, L, D]."""
+  causal: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     for i in range(self.config.num_hidden_layers):
-      x = CLIPEncoderLayer(self.config, name=f"layers_{i}", **self.dtypes)(x)
+      x = CLIPEncoderLayer(self.config, causal=self.causal, name=f"layers_{i}", **self.dtypes)(x)
     return x
 
 
@@ -275,3 +288,207 @@ class CLIPTextModel(_CLIPModule):
   def dummy_inputs(self) -> tuple[jax.Array]:
     """Inputs for `init` / `jax.eval_shape`: one row of `max_position_embeddings` ids."""
     return (jnp.zeros((1, self.config.max_position_embeddings), jnp.int32),)
+
+
+# ---------------------------------------------------------------------------------------
+# The vision tower and CLIPModel (two towers plus projections), for the CLIP score.
+
+# Keys of a vision config that do not change what the vision tower computes; the text
+# tower's generic PreTrainedConfig / generation keys are inert here too.
+_VISION_INERT_KEYS = _INERT_KEYS | frozenset({
+    # The projection belongs to CLIPModel (its top-level projection_dim decides).
+    "projection_dim",
+    # transformers v4 saved these token ids into every sub-config, vision included.
+    "eos_token_id",
+})
+
+_VISION_FIXED_KEYS = {
+    "hidden_act": one_of(*ACTIVATIONS),
+    "architectures": ((lambda v: v is None or list(v) in (["CLIPVisionModel"], ["CLIPModel"])),
+                      "None, ['CLIPVisionModel'] or ['CLIPModel']"),
+    "model_type": one_of("clip_vision_model"),
+    "layer_norm_eps": (_is_positive_number, "a positive number"),
+    "num_channels": one_of(3),
+    "pruned_heads": ((lambda v: not v), "none pruned ({})"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPVisionConfig:
+  """The options of a transformers CLIPVisionConfig that change what the vision tower computes.
+
+  Defaults are transformers' (`openai/clip-vit-base-patch32`'s vision tower). OpenAI
+  ViT-L/14: hidden 1024, 24 layers, 16 heads, patch 14, quick_gelu. LAION ViT-H/14: 1280,
+  32 layers, 16 heads, gelu; ViT-g/14: 1408, 40 layers, 16 heads, intermediate 6144, gelu.
+  """
+  hidden_size: int = 768
+  intermediate_size: int = 3072
+  num_hidden_layers: int = 12
+  num_attention_heads: int = 12
+  image_size: int = 224
+  patch_size: int = 32
+  hidden_act: str = "quick_gelu"
+  layer_norm_eps: float = 1e-5
+
+  def __post_init__(self):
+    if self.hidden_size % self.num_attention_heads:
+      raise UnsupportedConfigError(
+          f"CLIP vision config has hidden_size={self.hidden_size}, which num_attention_heads="
+          f"{self.num_attention_heads} does not divide.")
+    if self.image_size % self.patch_size:
+      raise UnsupportedConfigError(
+          f"CLIP vision config has image_size={self.image_size}, which patch_size="
+          f"{self.patch_size} does not divide.")
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "CLIPVisionConfig":
+    """Reads a transformers CLIPVisionConfig dict (the `vision_config` of a CLIPModel).
+
+    Raises:
+      UnsupportedConfigError naming the key and value of any unknown key or unimplemented option.
+    """
+    fields = [f.name for f in dataclasses.fields(cls)]
+    kwargs = read_diffusers_config(d, what="CLIP vision", fields=fields, fixed=_VISION_FIXED_KEYS,
+                                   inert=_VISION_INERT_KEYS)
+    for key in ("image_size", "patch_size"):  # transformers allows [h, w]; only squares are CLIP's
+      value = kwargs.get(key)
+      if isinstance(value, (list, tuple)):
+        if len(set(value)) != 1:
+          raise UnsupportedConfigError(f"CLIP vision config has {key}={value!r}; only square sizes are implemented")
+        kwargs[key] = value[0]
+    return cls(**kwargs)
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_attention_heads
+
+  @property
+  def num_patches(self) -> int:
+    return (self.image_size // self.patch_size) ** 2
+
+
+class CLIPVisionEmbeddings(_CLIPModule):
+  """[B, S, S, 3] pixels -> [B, 1 + (S/P)^2, D]: class token, then patches in row-major order,
+  plus learned position embeddings. S must equal `image_size` (no position interpolation)."""
+
+  @nn.compact
+  def __call__(self, pixel_values: jax.Array) -> jax.Array:
+    c = self.config
+    batch, height, width, _ = pixel_values.shape
+    if height != c.image_size or width != c.image_size:
+      raise ValueError(f"CLIP vision tower: input {height}x{width}, the model takes "
+                       f"{c.image_size}x{c.image_size}")
+    patches = nn.Conv(c.hidden_size, (c.patch_size, c.patch_size), strides=(c.patch_size, c.patch_size),
+                      padding="VALID", use_bias=False, name="patch_embedding", **self.dtypes)(pixel_values)
+    patches = patches.reshape(batch, -1, c.hidden_size)
+    class_embedding = self.param("class_embedding", nn.initializers.normal(c.hidden_size ** -0.5),
+                                 (c.hidden_size,), self.param_dtype)
+    cls = jnp.broadcast_to(class_embedding.astype(patches.dtype), (batch, 1, c.hidden_size))
+    tokens = jnp.concatenate([cls, patches], axis=1)
+    positions = nn.Embed(c.num_patches + 1, c.hidden_size, name="position_embedding", **self.dtypes)(
+        jnp.arange(c.num_patches + 1))
+    return tokens + positions[None]
+
+
+class CLIPVisionTransformer(_CLIPModule):
+  """transformers' CLIPVisionModel: embeddings -> pre_layrnorm (sic, transformers' name) ->
+  bidirectional encoder -> post_layernorm of the class token.
+
+  [B, S, S, 3] normalised pixels -> (last_hidden_state [B, 1 + N, D], pooled [B, D]).
+  `config` is a `CLIPVisionConfig`; the encoder modules read only the fields it shares with
+  the text config (widths, heads, activation, layer-norm epsilon).
+  """
+
+  @nn.compact
+  def __call__(self, pixel_values: jax.Array) -> tuple[jax.Array, jax.Array]:
+    kw = self.dtypes
+    h = CLIPVisionEmbeddings(self.config, name="embeddings", **kw)(pixel_values)
+    h = _layer_norm(self.config, "pre_layrnorm", **kw)(h)
+    h = CLIPEncoder(self.config, causal=False, name="encoder", **kw)(h)
+    pooled = _layer_norm(self.config, "post_layernorm", **kw)(h[:, 0])
+    return h, pooled
+
+
+_MODEL_FIXED_KEYS = {
+    "architectures": ((lambda v: v is None or list(v) == ["CLIPModel"]), "['CLIPModel']"),
+    "model_type": one_of("clip"),
+    "projection_dim": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+}
+# Read separately (the towers) or not needed at inference (the logit scale's initial value).
+_MODEL_INERT_KEYS = _INERT_KEYS - {"projection_dim"} | frozenset({
+    "text_config", "vision_config", "text_config_dict", "vision_config_dict",
+    "logit_scale_init_value", "initializer_factor",
+})
+
+
+def _tower_dict(d: Mapping[str, Any], tower: str) -> dict:
+  """The effective `text_config` / `vision_config` of a CLIPModel config dict.
+
+  Old configs carry `text_config_dict` / `vision_config_dict` too; transformers then builds
+  the tower from that dict alone (its defaults fill the rest, overriding `*_config`), so we do.
+  """
+  legacy = d.get(f"{tower}_config_dict")
+  return dict(legacy if legacy is not None else (d.get(f"{tower}_config") or {}))
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPModelConfig:
+  """A transformers `CLIPConfig`: both towers and the shared projection width."""
+  text: CLIPTextConfig = CLIPTextConfig()
+  vision: CLIPVisionConfig = CLIPVisionConfig()
+  projection_dim: int = 512
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "CLIPModelConfig":
+    """Reads a CLIPModel `config.json` dict (e.g. laion/CLIP-ViT-g-14-laion2B-s12B-b42K's).
+
+    Raises:
+      UnsupportedConfigError naming the tower, key and value of anything not implemented.
+    """
+    kwargs = read_diffusers_config(d, what="CLIP", fields=("projection_dim",), fixed=_MODEL_FIXED_KEYS,
+                                   inert=_MODEL_INERT_KEYS)
+    return cls(text=CLIPTextConfig.from_dict(_tower_dict(d, "text")),
+               vision=CLIPVisionConfig.from_dict(_tower_dict(d, "vision")), **kwargs)
+
+
+class CLIPModel(nn.Module):
+  """transformers' CLIPModel: `text_model`, `vision_model`, `text_projection`,
+  `visual_projection` (no biases) and the scalar `logit_scale`, named as in hub checkpoints.
+
+  `__call__(pixel_values, input_ids)` runs both towers (for `init`); use
+  `apply(..., method="image_embeds")` / `"text_embeds"` for one tower. Embeddings are the
+  projected, *unnormalised* features, equal to transformers' `get_image_features` /
+  `get_text_features`.
+  """
+  config: CLIPModelConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def setup(self):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    c = self.config
+    self.text_model = CLIPTextTransformer(c.text, **kw)
+    self.vision_model = CLIPVisionTransformer(c.vision, **kw)
+    self.text_projection = nn.Dense(c.projection_dim, use_bias=False, **kw)
+    self.visual_projection = nn.Dense(c.projection_dim, use_bias=False, **kw)
+    # transformers' initial value log(1 / 0.07); loaded weights replace it.
+    self.logit_scale = self.param("logit_scale", nn.initializers.constant(2.6592), (), self.param_dtype)
+
+  def image_embeds(self, pixel_values: jax.Array) -> jax.Array:
+    """[B, S, S, 3] CLIP-normalised pixels (NHWC) -> [B, projection_dim]."""
+    return self.visual_projection(self.vision_model(pixel_values)[1])
+
+  def text_embeds(self, input_ids: jax.Array) -> jax.Array:
+    """[B, L] token ids -> [B, projection_dim]."""
+    return self.text_projection(self.text_model(input_ids)[1])
+
+  def __call__(self, pixel_values: jax.Array, input_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """-> (image embeds [B1, P], text embeds [B2, P]); `init` through it creates every
+    parameter (setup creates `logit_scale`)."""
+    return self.image_embeds(pixel_values), self.text_embeds(input_ids)
+
+  def dummy_inputs(self) -> tuple[jax.Array, jax.Array]:
+    """Inputs for `init` / `jax.eval_shape`: one image and one row of token ids."""
+    s = self.config.vision.image_size
+    return (jnp.zeros((1, s, s, 3), jnp.float32),
+            jnp.zeros((1, self.config.text.max_position_embeddings), jnp.int32))
