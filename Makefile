@@ -14,8 +14,13 @@ $(PY):
 	$(PY) -m pip install --quiet --upgrade pip
 
 # The test extra (torch, diffusers: the reference implementations) is only for `make test`.
+# Reference implementations the metric tests run in a subprocess and that must not be importable
+# beside lcm-jax (torchvision's CUDA wheel breaks transformers' image processors next to the CPU
+# torch): pytorch-fid, clean-fid and torchvision, kept in their own folder.
 $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet --upgrade --no-deps --target $(VENV)/reference-packages \
+	  torchvision==0.28.0 pytorch-fid==0.3.0 clean-fid==0.1.35
 	touch $(STAMP) $(CORE_STAMP)
 
 $(CORE_STAMP): $(PY) pyproject.toml

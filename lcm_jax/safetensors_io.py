@@ -107,7 +107,7 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]
   offset = 0
   arrays = []
   for name in sorted(tensors):
-    a = np.ascontiguousarray(tensors[name])
+    a = np.asarray(tensors[name], order="C")  # keeps 0-d arrays 0-d (ascontiguousarray makes them 1-d)
     if a.dtype.newbyteorder("<") != a.dtype and a.dtype.byteorder not in ("=", "|", "<"):
       a = a.astype(a.dtype.newbyteorder("<"))
     dt = _NAMES.get(np.dtype(a.dtype))

@@ -8,7 +8,7 @@ from tests.helpers import REPO  # noqa: E402
 
 # Command-line programs: each runs `--help` in its own process with torch blocked.
 CLIS = ("lcm_jax.export", "lcm_jax.sample", "lcm_jax.train", "lcm_jax.cache_latents", "lcm_jax.toy.evaluate",
-        "lcm_jax.toy.demo", "lcm_jax.toy.teacher")
+        "lcm_jax.toy.demo", "lcm_jax.toy.teacher", "lcm_jax.eval.convert_inception")
 
 SCRIPT = f"CLIS = {CLIS!r}\n" + r"""
 import importlib, pkgutil, sys

@@ -46,6 +46,7 @@ def test_reference_reads_what_we_write_including_bf16(tmp_path):
   assert loaded["e.bf16"].dtype == torch.bfloat16
   assert torch.equal(loaded["e.bf16"], bf16)
   for k in ("a.weight", "b.bias", "c.ids", "d.scalar"):
+    assert tuple(loaded[k].shape) == arrays[k].shape, k  # a 0-d tensor stays 0-d
     np.testing.assert_array_equal(loaded[k].numpy(), arrays[k])
   # and our reader gives back the same bytes
   np.testing.assert_array_equal(SafetensorsFile(tmp_path / "y.safetensors")["e.bf16"].view(np.int16),
