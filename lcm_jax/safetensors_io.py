@@ -33,6 +33,8 @@ _DTYPES = {
     "BOOL": np.dtype("bool"),
 }
 _NAMES = {v: k for k, v in _DTYPES.items()}
+# The safetensors format caps its JSON header at 100 MB.
+MAX_HEADER_BYTES = 100_000_000
 
 
 class SafetensorsFile(Mapping):
@@ -41,20 +43,44 @@ class SafetensorsFile(Mapping):
   def __init__(self, path: str | os.PathLike):
     self.path = os.fspath(path)
     try:
+      size = os.path.getsize(self.path)
       with open(self.path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
+        # The length comes from the file: bound it before reading (a damaged or hostile
+        # header must not make us allocate 2^62 bytes).
+        if n > min(size - 8, MAX_HEADER_BYTES):
+          raise WeightsError(f"{self.path}: not a readable safetensors file (its header claims {n} bytes; the file "
+                             f"has {size} bytes and headers are at most {MAX_HEADER_BYTES})")
         header = json.loads(f.read(n))
     except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
       raise WeightsError(f"{self.path}: not a readable safetensors file ({e})") from None
+    if not isinstance(header, dict):
+      raise WeightsError(f"{self.path}: not a readable safetensors file (its header is not a JSON object)")
     self.metadata = header.pop("__metadata__", {}) or {}
     self._header = header
     self._data_start = 8 + n
+    for name, info in header.items():
+      self._check_entry(name, info, size - self._data_start)
+
+  def _check_entry(self, name: str, info, data_bytes: int) -> None:
+    """Every tensor's dtype, shape and byte range must be consistent and inside the file."""
+    try:
+      dtype = _DTYPES.get(info["dtype"])
+      shape = [int(d) for d in info["shape"]]
+      begin, end = (int(x) for x in info["data_offsets"])
+    except (KeyError, TypeError, ValueError):
+      raise WeightsError(f"{self.path}: tensor {name!r} has a malformed header entry {info!r}") from None
+    if dtype is None:
+      raise WeightsError(f"{self.path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+    if min(shape, default=0) < 0 or not 0 <= begin <= end or end - begin != int(np.prod(shape)) * dtype.itemsize:
+      raise WeightsError(f"{self.path}: tensor {name!r}: shape {shape} ({info['dtype']}) does not match its byte "
+                         f"range [{begin}, {end})")
+    if end > data_bytes:
+      raise WeightsError(f"{self.path}: file is truncated (tensor {name!r} ends at byte {end} of {data_bytes})")
 
   def __getitem__(self, name: str) -> np.ndarray:
     info = self._header[name]
-    dtype = _DTYPES.get(info["dtype"])
-    if dtype is None:
-      raise WeightsError(f"{self.path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+    dtype = _DTYPES[info["dtype"]]  # checked at open
     begin, end = info["data_offsets"]
     with open(self.path, "rb") as f:
       f.seek(self._data_start + begin)

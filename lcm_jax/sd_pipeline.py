@@ -14,6 +14,7 @@ import glob
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -272,15 +273,53 @@ def unet_config_for_params(config: Mapping, unet_params: Mapping) -> dict:
   return config
 
 
-def save_pipeline(pipe: Pipeline, output: str, *, dtype: str = "fp32") -> None:
+def check_output_folder(output: str, overwrite: bool = False) -> None:
+  """Raises LcmJaxError unless `output` can become a pipeline folder: it must not be a file or
+  lie under one, and an existing non-empty folder needs `overwrite` (it is then replaced whole)."""
+  parent = os.path.dirname(os.path.abspath(output))
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if os.path.exists(output) and not os.path.isdir(output):
+    raise LcmJaxError(f"{output} is a file, not a folder")
+  if not os.path.isdir(parent):
+    raise LcmJaxError(f"{output} cannot be created: {parent} is a file")
+  if os.path.isdir(output) and os.listdir(output) and not overwrite:
+    raise LcmJaxError(f"{output} is not empty; pass --overwrite (overwrite=True) to replace it")
+
+
+def save_pipeline(pipe: Pipeline, output: str, *, dtype: str = "fp32", overwrite: bool = False) -> None:
   """Writes `pipe` as a diffusers pipeline folder that diffusers' `from_pretrained` loads.
+
+  The folder is written beside `output` first and then moved into place, so an existing
+  folder (replaced only with `overwrite`) never mixes old files with new ones, and an
+  interrupted export leaves the old folder as it was.
 
   Args:
     dtype: "fp32", "fp16" or "bf16": the dtype of the written weights.
+    overwrite: replace a non-empty `output` folder.
   """
   if dtype not in EXPORT_DTYPES:
     raise LcmJaxError(f"unknown export dtype {dtype!r}; choose from {', '.join(EXPORT_DTYPES)}")
-  os.makedirs(output, exist_ok=True)
+  check_output_folder(output, overwrite)
+  output = os.path.abspath(output)
+  os.makedirs(os.path.dirname(output), exist_ok=True)
+  staging = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.writing-", dir=os.path.dirname(output))
+  try:
+    _write_pipeline_folder(pipe, staging, dtype)
+    if os.path.isdir(output):
+      retired = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.old-", dir=os.path.dirname(output))
+      os.rename(output, os.path.join(retired, "folder"))
+      os.rename(staging, output)
+      shutil.rmtree(retired)
+    else:
+      os.rename(staging, output)
+  finally:
+    if os.path.isdir(staging):
+      shutil.rmtree(staging)
+
+
+def _write_pipeline_folder(pipe: Pipeline, output: str, dtype: str) -> None:
+  """The files of `save_pipeline`, written into the (empty) folder `output`."""
   index = dict(pipe.model_index)
   for component, params in pipe.params.items():
     _, stem, config_name = COMPONENTS[component]

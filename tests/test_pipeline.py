@@ -251,3 +251,27 @@ def test_export_cli(tiny_pipeline, tmp_path):
   assert r.returncode == 0, r.stderr
   m = diffusers.UNet2DConditionModel.from_pretrained(str(tmp_path / "o"), subfolder="unet")
   assert m.config.time_cond_proj_dim == 256
+
+
+def test_export_never_mixes_old_and_new_files(tiny_pipeline, tmp_path):
+  """A non-empty output folder is refused without --overwrite (before loading anything); with
+  it, the folder is replaced whole: a stale fp16 variant from an earlier export is gone."""
+  out = tmp_path / "o"
+  stale = out / "unet" / "diffusion_pytorch_model.fp16.safetensors"
+  stale.parent.mkdir(parents=True)
+  stale.write_bytes(b"old")
+  r = _export_cli(f"--model={tiny_pipeline('sd1_lcm')}", f"--output={out}")
+  assert r.returncode == 2
+  assert r.stderr.strip().splitlines() == [f"error: {out} is not empty; pass --overwrite (overwrite=True) to replace it"]
+  assert sorted(p.name for p in out.rglob("*")) == ["diffusion_pytorch_model.fp16.safetensors", "unet"]
+  r = _export_cli(f"--model={tiny_pipeline('sd1_lcm')}", f"--output={out}", "--overwrite")
+  assert r.returncode == 0, r.stderr
+  assert not stale.exists()
+  assert (out / UNET_FILE).is_file()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]  # no staging folder left behind
+  # A file where the folder should be, or above it: one line each, nothing written.
+  (tmp_path / "f").write_text("x")
+  for bad, message in ((tmp_path / "f", "is a file, not a folder"), (tmp_path / "f" / "sub", "is a file")):
+    r = _export_cli(f"--model={tiny_pipeline('sd1_lcm')}", f"--output={bad}", "--overwrite")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
+  assert (tmp_path / "f").read_text() == "x"

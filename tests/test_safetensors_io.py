@@ -1,5 +1,8 @@
 """Our NumPy safetensors reader/writer against the reference `safetensors` library."""
 
+import json
+import struct
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -72,3 +75,34 @@ def test_garbage_and_truncated_files_are_clear_errors(tmp_path):
   (tmp_path / "t.safetensors").write_bytes(data[:-40])
   with pytest.raises(WeightsError, match="truncated"):
     SafetensorsFile(tmp_path / "t.safetensors")["x"]
+
+
+def _with_header(path, header: dict, data: bytes = b"") -> None:
+  raw = json.dumps(header).encode()
+  path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+
+
+def test_hostile_headers_are_refused_before_anything_is_allocated(tmp_path):
+  """A header length of 2^62, headers that are not objects, tensors whose byte ranges lie
+  outside the file or do not match their shape: each one line, at open."""
+  path = tmp_path / "h.safetensors"
+  path.write_bytes(struct.pack("<Q", 2 ** 62) + b"{}")
+  with pytest.raises(WeightsError, match=r"header claims 4611686018427387904 bytes"):
+    SafetensorsFile(path)
+  _with_header(path, [1, 2])
+  with pytest.raises(WeightsError, match="not a JSON object"):
+    SafetensorsFile(path)
+  _with_header(path, {"x": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8)
+  with pytest.raises(WeightsError, match="truncated .tensor 'x' ends at byte 16 of 8"):
+    SafetensorsFile(path)
+  _with_header(path, {"x": {"dtype": "F32", "shape": [4], "data_offsets": [0, 12]}}, b"\0" * 16)
+  with pytest.raises(WeightsError, match=r"shape \[4\] \(F32\) does not match its byte range \[0, 12\)"):
+    SafetensorsFile(path)
+  _with_header(path, {"x": {"dtype": "F32", "shape": [4]}}, b"\0" * 16)
+  with pytest.raises(WeightsError, match="malformed header entry"):
+    SafetensorsFile(path)
+  _with_header(path, {"x": {"dtype": "C64", "shape": [1], "data_offsets": [0, 8]}}, b"\0" * 8)
+  with pytest.raises(WeightsError, match="unsupported dtype C64"):
+    SafetensorsFile(path)
+  _with_header(path, {"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8)
+  assert SafetensorsFile(path)["x"].tolist() == [0.0, 0.0]  # and a sound one opens

@@ -21,15 +21,8 @@ import tempfile
 import time
 
 from lcm_jax.bench import run_role
+from lcm_jax.bench.architectures import SD21_UNET
 
-# The SD 2.1 (768x768, v-prediction) UNet configuration as published with the model.
-SD21_UNET = dict(
-    sample_size=96, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True,
-    freq_shift=0, down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, block_out_channels=[320, 640, 1280, 1280],
-    layers_per_block=2, downsample_padding=1, mid_block_scale_factor=1, act_fn="silu", norm_num_groups=32,
-    norm_eps=1e-5, cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20], use_linear_projection=True,
-    upcast_attention=True, dual_cross_attention=False)
 TEXT_LEN, LATENT = 77, 64
 
 

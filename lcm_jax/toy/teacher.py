@@ -385,7 +385,7 @@ def build_teacher(output: str, recipe: Recipe = Recipe()) -> dict:
                   configs={"unet": UNET_CONFIG, "vae": vae_config, "text_encoder": text_encoder_config(),
                            "scheduler": SCHEDULER_CONFIG},
                   model_index=MODEL_INDEX, path=output)
-  save_pipeline(pipe, output)
+  save_pipeline(pipe, output, overwrite=True)  # a rebuild replaces the folder
   times["total_s"] = time.perf_counter() - t0
   report = {"recipe": dataclasses.asdict(recipe), "vae_final_loss": vae_loss, "unet_final_loss": unet_loss,
             "scaling_factor": scaling, "num_captions": len(captions),
