@@ -37,7 +37,19 @@ def run(main: Callable[[list[str]], None]) -> None:
       fail("interrupted")
 
   with help_exits_zero():
-    app.run(guarded)
+    app.run(guarded, flags_parser=_parse_or_fail)
+
+
+def _parse_or_fail(argv: list[str]) -> list[str]:
+  """absl's flag parsing with a bad flag or value as one `error:` line and exit 2 (absl
+  itself prints two lines and exits 1). Flags already parsed (the config programs parse
+  theirs first) are not parsed again."""
+  if flags.FLAGS.is_parsed():
+    return argv
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    fail(f"{e} (see --help)")
 
 
 @contextlib.contextmanager
