@@ -180,6 +180,44 @@ def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state, data_iter
   return state, restored["config"]
 
 
+def sync_processes(name: str) -> None:
+  """Waits until every process reaches this point (a no-op with one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def restore_newest(manager: ocp.CheckpointManager, abstract_state, data_iterator=None, *,
+                   warn=print, set_aside=None):
+  """`restore_checkpoint` of the newest checkpoint that restores, falling back past damaged ones.
+
+  A checkpoint that fails to restore (an item missing, a truncated array file, an empty step
+  folder) gets one warning line naming what was wrong, is handed to `set_aside(step)` (e.g.
+  moved out of the checkpoint folder, so that the resumed run can save that step again), and
+  the previous one is tried.
+
+  Returns:
+    (state, the saved config dict, the step restored).
+  Raises:
+    LcmJaxError naming each step's problem if none restores.
+  """
+  problems = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      state, config = restore_checkpoint(manager, abstract_state, data_iterator, step=step)
+      return state, config, step
+    except Exception as e:  # noqa: BLE001  Orbax and tensorstore raise many types for damaged files
+      reason = " ".join(str(e).split())[:300] or type(e).__name__
+      problems.append(f"step {step}: {reason}")
+      warn(f"warning: the checkpoint of step {step} cannot be restored ({reason}); trying the previous one")
+      if set_aside is not None:
+        set_aside(step)
+  if not problems:
+    raise LcmJaxError(f"no checkpoint in {manager.directory}")
+  raise LcmJaxError(f"no checkpoint in {manager.directory} can be restored into this run's state: "
+                    + "; ".join(problems))
+
+
 # ---------------------------------------------------------------------------------------
 # Preemption.
 

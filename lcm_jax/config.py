@@ -101,6 +101,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Which parameters are split over "fsdp": (regex, "fsdp" | "replicated") pairs, first match
   # wins, searched in '/'-joined parameter paths (lcm_jax.sharding).
   c.mesh.rules = tuple(DEFAULT_RULES)
+  # With fsdp > 1: all-gather the sharded kernels (in the compute dtype) where they are used,
+  # rather than letting XLA reshard activations to match them (lcm_jax.train_step.compute_view).
+  c.mesh.gather_params = True
   c.remat = True                  # recompute the student's block activations in the backward pass
 
   # Checkpoints, logs, samples.
@@ -112,7 +115,40 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample_steps = (1, 2, 4)      # LCM steps, one column each
   c.sample_guidance_scale = 8.5   # diffusers' LatentConsistencyModelPipeline default (omega = 7.5)
   c.compilation_cache_dir = "~/.cache/lcm_jax/jax_cache"  # "" disables the persistent cache
+  # Resuming a workdir with other values of keys outside RESUME_SAFE_KEYS (the model, the
+  # loss, the data, ...) is refused unless this is set.
+  c.resume_with_changes = False
   return c
+
+
+# Keys a resumed run may change freely: schedules of logs, checkpoints and samples, the run's
+# length, the learning rate, and how the step is laid out on the devices (not what it computes).
+RESUME_SAFE_KEYS = (
+    "num_train_steps", "optimizer.lr", "log_every", "checkpoint_every", "keep_checkpoints", "sample_every",
+    "sample_prompts", "sample_steps", "sample_guidance_scale", "compilation_cache_dir", "resume_with_changes",
+    "mesh.data", "mesh.fsdp", "mesh.rules", "mesh.gather_params", "remat", "grad_accum_steps",
+    "data.num_workers", "data.read_threads", "data.prefetch_buffer_size", "data.worker_buffer_size")
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      out.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      out[prefix + key] = value
+  return out
+
+
+def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+  """(safe, unsafe) descriptions "key: old -> new" of the leaves that differ between two JSON
+  configs; safe ones are in RESUME_SAFE_KEYS."""
+  old, new = _flatten(saved), _flatten(current)
+  safe, unsafe = [], []
+  for key in sorted(set(old) | set(new)):
+    if old.get(key) != new.get(key):
+      (safe if key in RESUME_SAFE_KEYS else unsafe).append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
+  return safe, unsafe
 
 
 # ---------------------------------------------------------------------------------------

@@ -229,10 +229,30 @@ def accumulated_value_and_grad(loss_fn: LossFn, params: Any, target: Any, frozen
   return (mean(loss), jax.tree.map(mean, aux)), grads
 
 
+def compute_view(tree: Any, mesh: Mesh, kernel_dtype: Any = None) -> Any:
+  """Parameters as every device computes with them under FSDP: whole (constrained to be
+  replicated, so XLA all-gathers the fsdp-sharded ones where they are used), with matmul and
+  conv kernels first cast to `kernel_dtype` (what flax's Dense and Conv do at use anyway, so
+  the result is unchanged, and the all-gather moves half the bytes of float32).
+
+  Without this, XLA's sharding propagation may instead follow the kernels' output-channel
+  split into the activations and reshard those, which costs far more memory than the weights.
+  Gradients flow back through it as reduce-scatters onto the sharded parameters.
+  """
+  def leaf(path, x):
+    name = getattr(path[-1], "key", None) if path else None
+    if kernel_dtype is not None and name == "kernel" and jnp.issubdtype(x.dtype, jnp.floating):
+      return x.astype(kernel_dtype)
+    return x
+  tree = jax.tree_util.tree_map_with_path(leaf, tree)
+  return jax.lax.with_sharding_constraint(tree, replicated(mesh))
+
+
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
                     ema_decay: float, *, mesh: Mesh | None = None,
                     state_shardings: TrainState | None = None, frozen_shardings: Any = None,
-                    batch_shardings: Any = None, donate: bool = True, grad_accum_steps: int = 1):
+                    batch_shardings: Any = None, donate: bool = True, grad_accum_steps: int = 1,
+                    gather_params: bool = True, kernel_dtype: Any = None):
   """The jitted `step(state, frozen, batch) -> (new_state, metrics)`.
 
   Args:
@@ -245,6 +265,11 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
       (default: every batch leaf split on its leading dim over ("data", "fsdp")). Inputs
       must already carry these shardings (`jax.device_put` or a jitted initialiser).
     donate: donate the input state's buffers to the new state (the old one is unusable).
+    gather_params: on a mesh with an "fsdp" axis of more than one device, give the loss the
+      `compute_view` of the student, target and frozen parameters (whole) instead of their
+      fsdp shards.
+    kernel_dtype: the student's compute dtype: its and the target's kernels are gathered in it
+      (None: as stored).
     grad_accum_steps: M > 1 splits the batch into M equal microbatches along its leading
       dim, runs them one after another (`lax.scan`, so activations are those of one
       microbatch) and averages their gradients in float32 before one optimiser step; the
@@ -257,6 +282,14 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
     **aux}, float32 scalars.
   """
 
+  step_loss = loss_fn
+  if gather_params and mesh is not None and mesh.shape.get("fsdp", 1) > 1:
+    def step_loss(params, target, frozen, batch, rng):
+      # The frozen models are stored in their compute dtype already; only the student and
+      # its target (float32 master weights) are cast.
+      return loss_fn(compute_view(params, mesh, kernel_dtype), compute_view(target, mesh, kernel_dtype),
+                     compute_view(frozen, mesh), batch, rng)
+
   def train_step(state: TrainState, frozen: Any, batch: Any) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(state.rng, state.step)
     # Only the student is differentiated; stop_gradient also keeps any custom VJP inside
@@ -264,7 +297,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
     target = jax.lax.stop_gradient(state.target_params)
     frozen = jax.lax.stop_gradient(frozen)
 
-    (loss, aux), grads = accumulated_value_and_grad(loss_fn, state.params, target, frozen, batch, rng,
+    (loss, aux), grads = accumulated_value_and_grad(step_loss, state.params, target, frozen, batch, rng,
                                                     grad_accum_steps)
     grad_norm = optax.tree.norm(jax.tree.map(lambda g: g.astype(jnp.float32), grads))
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)

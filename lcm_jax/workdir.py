@@ -12,6 +12,7 @@ Layout of a workdir (written by `python -m lcm_jax.train`):
       checkpoints/<step>/      Orbax (`lcm_jax.checkpoint`): params, target_params (EMA), train
                                (step, rng, optimiser state), config, data (iterator position)
       samples/step_XXXXXXX.png sample grids
+      damaged_checkpoints/     checkpoints that failed to restore, set aside on resume
       events.out.tfevents.*    TensorBoard
 
 `load_pipeline_from_workdir(workdir)` makes a whole `lcm_jax.sd_pipeline.Pipeline` of it (UNet
@@ -24,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -44,6 +46,7 @@ CHECKPOINT_DIR = "checkpoints"
 MODEL_DIR = "model"
 CONFIG_FILE = "config.json"
 SAMPLES_DIR = "samples"
+DAMAGED_DIR = "damaged_checkpoints"
 # Extra facts about model/ that diffusers does not need (it ignores unknown files).
 MODEL_INFO_FILE = "lcm_jax.json"
 PARAMS_CHOICES = tuple(checkpoint.PARAMS_CHOICES)
@@ -81,9 +84,36 @@ def model_info(workdir: str) -> dict:
 
 
 def write_config(workdir: str, config_json: Mapping[str, Any]) -> None:
-  """Writes WORKDIR/config.json."""
-  with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+  """Writes WORKDIR/config.json atomically (a reader never sees half a file)."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  with open(path + ".tmp", "w") as f:
     json.dump(dict(config_json), f, indent=2, sort_keys=True)
+  os.replace(path + ".tmp", path)
+
+
+def saved_config(workdir: str) -> dict | None:
+  """WORKDIR/config.json (the config the run was started with), or None."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  return read_json(path) if os.path.isfile(path) else None
+
+
+def check_workdir_path(workdir: str) -> None:
+  """Raises LcmJaxError unless `workdir` is a folder or can be made one (no file in the way)."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise LcmJaxError(f"--workdir {workdir} is a file, not a folder")
+  parent = os.path.dirname(os.path.abspath(workdir))
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise LcmJaxError(f"--workdir {workdir} cannot be created: {parent} is a file")
+
+
+def set_aside_checkpoint(workdir: str, step: int) -> str:
+  """Moves the (damaged) checkpoint of `step` to WORKDIR/damaged_checkpoints/, out of Orbax's sight."""
+  target = os.path.join(workdir, DAMAGED_DIR, f"{step}-{int(time.time())}")
+  os.makedirs(os.path.dirname(target), exist_ok=True)
+  os.rename(os.path.join(checkpoint_dir(workdir), str(step)), target)
+  return target
 
 
 # ---------------------------------------------------------------------------------------

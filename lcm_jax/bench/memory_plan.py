@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -101,13 +102,15 @@ def resolve_teacher(config, scratch: str) -> None:
 
 @dataclasses.dataclass
 class Compiled:
-  """What the compiler says of one executable, per chip."""
+  """What the compiler says of one executable, per chip. When the TPU compiler refuses it for
+  lack of memory, only its temporaries (from the error) are known and `error` holds the message."""
   argument_bytes: int
   output_bytes: int
   alias_bytes: int
   temp_bytes: int
   flops: float
   compile_seconds: float
+  error: str | None = None
 
   @property
   def total_bytes(self) -> int:
@@ -117,7 +120,15 @@ class Compiled:
   @classmethod
   def of(cls, lowered) -> "Compiled":
     start = time.perf_counter()
-    executable = lowered.compile()
+    try:
+      executable = lowered.compile()
+    except Exception as e:  # noqa: BLE001  XLA's RESOURCE_EXHAUSTED comes as a runtime error
+      message = " ".join(str(e).split())
+      needed = re.search(r"HLO temporaries \(([\d.]+)G\)", message)
+      if "RESOURCE_EXHAUSTED" not in message or not needed:
+        raise
+      return cls(0, 0, 0, int(float(needed.group(1)) * GIB), 0.0, time.perf_counter() - start,
+                 error=message[message.index("RESOURCE_EXHAUSTED"):][:300])
     seconds = time.perf_counter() - start
     memory = executable.memory_analysis()
     cost = executable.cost_analysis()
@@ -216,6 +227,11 @@ def report(name: str, compiled: Compiled, chip: str, samples: int) -> dict:
   """One printed line per executable, and its numbers as a dict."""
   hbm, peak = CHIPS.get(chip, (None, None))
   out = dict(dataclasses.asdict(compiled), total_bytes=compiled.total_bytes, hbm_bytes=hbm)
+  if compiled.error:
+    out["fits"] = False
+    print(f"{name}: DOES NOT FIT: the compiler needs {compiled.temp_bytes / GIB:.2f} GiB of temporaries alone "
+          f"({compiled.error}; after {compiled.compile_seconds:.0f}s)", flush=True)
+    return out
   size = lambda n: f"{n / GIB:.2f} GiB" if n >= GIB / 100 else f"{n / 2 ** 20:.2f} MiB"
   line = (f"{name}: arguments {size(compiled.argument_bytes)}, outputs {size(compiled.output_bytes)} "
           f"(aliased {size(compiled.alias_bytes)}), temporaries {size(compiled.temp_bytes)}, "

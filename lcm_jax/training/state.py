@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -59,11 +59,13 @@ def state_initializer(config: ml_collections.ConfigDict,
 
 
 def restore_state(manager, config: ml_collections.ConfigDict, student: Student, optimizer, state_shardings,
-                  data_state, step: int) -> tuple[TrainState, dict]:
-  """The checkpointed state at `step`, read straight into its shardings; also the saved config."""
+                  data_state, *, warn, set_aside) -> tuple[TrainState, int]:
+  """(state, step) of the newest restorable checkpoint, read straight into its shardings
+  (damaged newer ones are reported and handed to `set_aside`)."""
   abstract = jax.eval_shape(state_initializer(config, optimizer), student.abstract, jax.random.PRNGKey(config.seed))
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_shardings)
-  return checkpoint.restore_checkpoint(manager, abstract, data_state, step=step)
+  state, _, step = checkpoint.restore_newest(manager, abstract, data_state, warn=warn, set_aside=set_aside)
+  return state, step
 
 
 def fresh_state(config: ml_collections.ConfigDict, sources: Sources, student: Student, frozen: FrozenModels,
@@ -84,19 +86,24 @@ def fresh_state(config: ml_collections.ConfigDict, sources: Sources, student: St
   return jax.jit(state_initializer(config, optimizer), out_shardings=state_shardings)(init_params, rng)
 
 
-def changed_keys(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-  """Top-level config keys whose values differ between a checkpoint's config and this run's."""
-  return sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-
-
 def init_or_restore(config, sources: Sources, student: Student, frozen: FrozenModels, mesh, manager,
-                    data_state, resume_step: int | None, config_json: Mapping[str, Any], log) -> tuple[TrainState, Any]:
-  """(state, state shardings): restored from the workdir's checkpoint at `resume_step`, or fresh."""
+                    data_state, workdir: str, resume_step: int | None, log) -> tuple[TrainState, Any]:
+  """(state, state shardings): restored from the workdir's newest restorable checkpoint when
+  it has one (`resume_step`), else fresh."""
   optimizer = build_optimizer(config)
   shardings = train_state_shardings(optimizer, student.abstract, student.shardings, mesh)
   if resume_step is None:
     return fresh_state(config, sources, student, frozen, optimizer, shardings, mesh), shardings
-  state, saved_config = restore_state(manager, config, student, optimizer, shardings, data_state, resume_step)
-  changed = changed_keys(saved_config, config_json)
-  log(f"resumed at step {resume_step}" + (f" (config changed: {', '.join(changed)})" if changed else ""))
+
+  def set_aside(step: int) -> None:
+    if jax.process_index() == 0:
+      log(f"moved it to {workdir_lib.set_aside_checkpoint(workdir, step)}")
+
+  state, step = restore_state(manager, config, student, optimizer, shardings, data_state,
+                              warn=lambda m: print(m, flush=True) if jax.process_index() == 0 else None,
+                              set_aside=set_aside)
+  if step != resume_step:
+    checkpoint.sync_processes("set_aside_damaged_checkpoints")
+    manager.reload()  # it listed the steps set aside
+  log(f"resumed {workdir} at step {step}")
   return state, shardings

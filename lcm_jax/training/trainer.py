@@ -21,13 +21,14 @@ import time
 from collections.abc import Callable, Mapping
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from tqdm import tqdm
 
 from lcm_jax import checkpoint
 from lcm_jax import workdir as workdir_lib
-from lcm_jax.config import check_config, loss_config
+from lcm_jax.config import check_config, config_changes, loss_config
 from lcm_jax.data import make_train_data
 from lcm_jax.errors import LcmJaxError
 from lcm_jax.losses import make_loss_fn
@@ -119,7 +120,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: 
     cleanup.callback(manager.close)
     cleanup.callback(manager.wait_until_finished)  # runs first: pending async saves finish
     state, state_shardings = init_or_restore(config, plan.sources, student, frozen, plan.mesh, manager, data_state,
-                                             plan.resume_step, plan.config_json, plan.log)
+                                             workdir, plan.resume_step, plan.log)
     frozen.teacher_fp32 = None  # the student has its copy; free the float32 teacher
     write_workdir(plan)
     step = int(jax.device_get(state.step))
@@ -141,6 +142,7 @@ def plan_run(config: ml_collections.ConfigDict, workdir: str) -> RunPlan:
   resolution, the mesh and the batch size. Nothing is written or loaded."""
   if not workdir:
     raise LcmJaxError("--workdir is empty")
+  workdir_lib.check_workdir_path(workdir)
   check_config(config)
   sources = resolve_sources(config)
   check_resolution(config.resolution, sources.student_unet_config, sources.vae_config)
@@ -148,10 +150,28 @@ def plan_run(config: ml_collections.ConfigDict, workdir: str) -> RunPlan:
   check_batch_size(config.batch_size, mesh, config.grad_accum_steps)
   schedule = schedule_from_config(sources.scheduler_config)
   loss_config(config, int(sources.student_unet_config["time_cond_proj_dim"]))  # checks the loss against the model
+  config_json = json.loads(config.to_json_best_effort())
+  resume_step = workdir_lib.latest_step(workdir)
+  log = console(jax.process_index() == 0)
+  if resume_step is not None:
+    check_resumable(workdir, config_json, log)
   return RunPlan(config=config, workdir=workdir, sources=sources, mesh=mesh, schedule=schedule,
-                 resume_step=workdir_lib.latest_step(workdir), latents_format=config.data.format == LATENTS_FORMAT,
-                 config_json=json.loads(config.to_json_best_effort()),
-                 log=console(jax.process_index() == 0))
+                 resume_step=resume_step, latents_format=config.data.format == LATENTS_FORMAT,
+                 config_json=config_json, log=log)
+
+
+def check_resumable(workdir: str, config_json: dict, log) -> None:
+  """A workdir resumes only with the config it was started with, up to `RESUME_SAFE_KEYS`
+  (or anything, with config.resume_with_changes): one line naming what differs."""
+  saved = workdir_lib.saved_config(workdir)
+  if saved is None:
+    return
+  safe, unsafe = config_changes(saved, config_json)
+  if unsafe and not config_json.get("resume_with_changes"):
+    raise LcmJaxError(f"{workdir} was trained with another config: {'; '.join(unsafe)}. Use a new --workdir, or "
+                      "pass --config.resume_with_changes=true to resume anyway")
+  if safe or unsafe:
+    log(f"resuming {workdir} with config changes: {'; '.join(safe + unsafe)}")
 
 
 def open_data(plan: RunPlan, tokenizer, cleanup: contextlib.ExitStack):
@@ -225,7 +245,9 @@ def make_step(config: ml_collections.ConfigDict, schedule: Schedule, mesh: jax.s
   train_step = make_train_step(loss_fn, build_optimizer(config), config.ema_decay, mesh=mesh,
                                state_shardings=state_shardings,
                                frozen_shardings=jax.tree.map(lambda x: x.sharding, frozen.arrays),
-                               batch_shardings=data_sharding, grad_accum_steps=config.grad_accum_steps)
+                               batch_shardings=data_sharding, grad_accum_steps=config.grad_accum_steps,
+                               gather_params=config.mesh.gather_params,
+                               kernel_dtype=jnp.dtype(config.precision.compute_dtype))
   keys = device_keys(latents_format)
   return train_step, lambda b: make_global_batch({k: b[k] for k in keys}, data_sharding)
 
