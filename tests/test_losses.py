@@ -375,7 +375,7 @@ def test_lcd_step_sharded_on_8_devices_equals_one_device():
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-m", "tests.helpers.sharded_lcd_check"], cwd=repo, env=env,
-                        capture_output=True, text=True, timeout=600)
+                        capture_output=True, text=True, timeout=1800)
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(proc.stdout.split("RESULT ", 1)[1])
   assert result["max_loss_diff"] <= 1e-5, result

@@ -31,7 +31,7 @@ print("OK", out.shape)
 
 def test_lcm_jax_imports_and_runs_without_torch(tiny_pipeline):
   path = tiny_pipeline("sd1")
-  r = subprocess.run([sys.executable, "-c", SCRIPT, path], cwd=REPO, capture_output=True, text=True, timeout=300,
+  r = subprocess.run([sys.executable, "-c", SCRIPT, path], cwd=REPO, capture_output=True, text=True, timeout=1200,
                      env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert r.returncode == 0, r.stderr[-3000:]
   assert "OK (1, 8, 8, 4)" in r.stdout
@@ -54,7 +54,7 @@ def test_command_line_programs_explain_themselves_without_torch():
         continue  # not built yet
     except ModuleNotFoundError:  # its package is not built yet
       continue
-    r = subprocess.run([sys.executable, "-c", HELP, name], cwd=REPO, capture_output=True, text=True, timeout=300,
+    r = subprocess.run([sys.executable, "-c", HELP, name], cwd=REPO, capture_output=True, text=True, timeout=1200,
                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert r.returncode == 0, (name, r.stderr[-2000:])
     assert "--" in r.stdout + r.stderr, name

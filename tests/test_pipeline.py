@@ -240,7 +240,7 @@ def test_missing_folder_and_offline_hub_are_clear(tmp_path, monkeypatch):
 
 def _export_cli(*args):
   return subprocess.run([sys.executable, "-m", "lcm_jax.export", *args], capture_output=True, text=True,
-                        env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=1200)
 
 
 def test_export_cli(tiny_pipeline, tmp_path):

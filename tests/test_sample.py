@@ -214,7 +214,7 @@ def test_cli_writes_images_equal_to_the_library(t2i, tiny_pipeline, tmp_path):
   gen = t2i("sd1_lcm")
   first = gen(prompts[:2], num_steps=1, seed=SEED)
   last = gen([prompts[2], prompts[2]], num_steps=1, seed=SEED, indices=[2, 3])  # the padded batch
-  stdout, stderr = proc.communicate(timeout=300)
+  stdout, stderr = proc.communicate(timeout=1200)
   assert proc.returncode == 0, stderr
   assert sorted(os.listdir(out)) == ["000.png", "001.png", "002.png", "grid.png"]
   written = [np.asarray(Image.open(out / f"{i:03d}.png")) for i in range(3)]
@@ -252,7 +252,7 @@ def test_cli_bad_input_gives_one_error_line(tiny_pipeline, tmp_path):
   }
   procs = {name: _cli(args) for name, args in cases.items()}  # in parallel: each starts Python + JAX
   for name, proc in procs.items():
-    _, stderr = proc.communicate(timeout=300)
+    _, stderr = proc.communicate(timeout=1200)
     lines = stderr.strip().splitlines()
     assert proc.returncode == 2, (name, stderr)
     assert len(lines) == 1 and lines[0].startswith("error: "), (name, stderr)
