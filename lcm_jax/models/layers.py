@@ -3,7 +3,9 @@
 Layout is NHWC throughout (`[B, H, W, C]`); token sequences are `[B, L, C]`.
 Every module takes `dtype` (compute) and `param_dtype` (storage). Normalisation statistics
 and attention softmax are always computed in float32, whatever `dtype` is, because bf16
-has too few mantissa bits for a variance or a softmax over thousands of tokens.
+has too few mantissa bits for a variance or a softmax over thousands of tokens. Attention
+itself is `lcm_jax.models.attention.attention`; the modules that use it take its backend
+name as `attention`.
 
 Submodule names follow the naming contract in `lcm_jax.weights` (diffusers' attribute
 names; element N of a PyTorch list `X` is `X_N`).
@@ -24,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lcm_jax.errors import UnsupportedConfigError
+from lcm_jax.models import attention as attention_lib
 
 Dtype = Any
 
@@ -225,28 +228,14 @@ class ResnetBlock2D(nn.Module):
 # Attention
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
-                          upcast: bool = False) -> jax.Array:
-  """softmax(q k^T / sqrt(D)) v per head. q [B, Lq, N, D], k, v [B, Lk, N, D] -> [B, Lq, N, D].
-
-  The logits are accumulated and the softmax taken in float32 always; `upcast` (diffusers'
-  `upcast_attention`) also casts q and k to float32 before their product, as diffusers does.
-  """
-  scale = q.shape[-1] ** -0.5
-  if upcast:
-    q, k = q.astype(jnp.float32), k.astype(jnp.float32)
-  logits = jnp.einsum("bqnd,bknd->bnqk", q, k, preferred_element_type=jnp.float32) * scale
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum("bnqk,bknd->bqnd", probs, v)
-
-
 class Attention(nn.Module):
   """diffusers `Attention` (processor AttnProcessor2_0) without masks.
 
   Self-attention when `encoder_hidden_states` is None, cross-attention otherwise.
   `norm_num_groups` adds the input GroupNorm `group_norm` (VAE mid-block);
   `residual_connection` adds the input back and the sum is divided by
-  `rescale_output_factor`. `to_out_0` maps back to the input width.
+  `rescale_output_factor`. `to_out_0` maps back to the input width. `attention` names the
+  backend of `lcm_jax.models.attention.attention` ("auto", "xla", "chunked", ...).
   """
   heads: int
   dim_head: int
@@ -256,6 +245,7 @@ class Attention(nn.Module):
   norm_eps: float = 1e-5
   residual_connection: bool = False
   rescale_output_factor: float = 1.0
+  attention: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -275,7 +265,8 @@ class Attention(nn.Module):
     q = split(nn.Dense(inner, use_bias=self.use_bias, name="to_q", **kw)(x))
     k = split(nn.Dense(inner, use_bias=self.use_bias, name="to_k", **kw)(context))
     v = split(nn.Dense(inner, use_bias=self.use_bias, name="to_v", **kw)(context))
-    out = dot_product_attention(q, k, v, upcast=self.upcast_attention).reshape(batch, -1, inner)
+    out = attention_lib.attention(q, k, v, upcast=self.upcast_attention, backend=self.attention)
+    out = out.reshape(batch, -1, inner)
     out = nn.Dense(width, name="to_out_0", **kw)(out).reshape(shape)
     if self.residual_connection:
       out = out + hidden_states
@@ -316,10 +307,12 @@ class BasicTransformerBlock(nn.Module):
   """diffusers BasicTransformerBlock with norm_type="layer_norm": self-attn, cross-attn, GEGLU FF.
 
   Each sub-layer is pre-LayerNorm (eps 1e-5) with a residual; attention has no q/k/v bias.
+  `attention` is the attention backend of both attention layers.
   """
   heads: int
   dim_head: int
   upcast_attention: bool = False
+  attention: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -329,7 +322,7 @@ class BasicTransformerBlock(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     norm = lambda name: nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, name=name, **kw)
     attn = lambda name: Attention(self.heads, self.dim_head, upcast_attention=self.upcast_attention,
-                                  name=name, **kw)
+                                  attention=self.attention, name=name, **kw)
     x = x + attn("attn1")(norm("norm1")(x))
     x = x + attn("attn2")(norm("norm2")(x), context)
     return x + FeedForward(name="ff", **kw)(norm("norm3")(x))
@@ -340,7 +333,8 @@ class Transformer2DModel(nn.Module):
 
   GroupNorm `norm` (eps 1e-6) -> `proj_in` (1x1 conv, or Dense when
   `use_linear_projection`) -> `transformer_blocks_i` -> `proj_out` -> + input.
-  The width is heads * dim_head; in and out channels are the input's.
+  The width is heads * dim_head; in and out channels are the input's. `attention` is the
+  attention backend of every block.
   """
   heads: int
   dim_head: int
@@ -348,6 +342,7 @@ class Transformer2DModel(nn.Module):
   use_linear_projection: bool = False
   upcast_attention: bool = False
   num_layers: int = 1
+  attention: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -363,7 +358,7 @@ class Transformer2DModel(nn.Module):
     else:
       h = conv(inner, 1, name="proj_in", **kw)(h).reshape(batch, -1, inner)
     for i in range(self.num_layers):
-      h = BasicTransformerBlock(self.heads, self.dim_head, self.upcast_attention,
+      h = BasicTransformerBlock(self.heads, self.dim_head, self.upcast_attention, self.attention,
                                 name=f"transformer_blocks_{i}", **kw)(h, context)
     if self.use_linear_projection:
       h = nn.Dense(channels, name="proj_out", **kw)(h).reshape(batch, height, width, channels)

@@ -192,6 +192,7 @@ class DownBlock(nn.Module):
   heads: int
   cross_attention: bool
   add_downsample: bool
+  attention: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -205,7 +206,8 @@ class DownBlock(nn.Module):
       x = ResnetBlock2D(self.out_channels, c.norm_num_groups, c.norm_eps,
                         name=f"resnets_{i}", **kw)(x, temb)
       if self.cross_attention:
-        x = _transformer(c, self.out_channels, self.heads, f"attentions_{i}", kw)(x, context)
+        x = _transformer(c, self.out_channels, self.heads, self.attention, f"attentions_{i}",
+                         kw)(x, context)
       skips.append(x)
     if self.add_downsample:
       x = Downsample2D(self.out_channels, c.downsample_padding, name="downsamplers_0", **kw)(x)
@@ -225,6 +227,7 @@ class UpBlock(nn.Module):
   heads: int
   cross_attention: bool
   add_upsample: bool
+  attention: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -238,7 +241,8 @@ class UpBlock(nn.Module):
       x = ResnetBlock2D(self.out_channels, c.norm_num_groups, c.norm_eps,
                         name=f"resnets_{i}", **kw)(x, temb)
       if self.cross_attention:
-        x = _transformer(c, self.out_channels, self.heads, f"attentions_{i}", kw)(x, context)
+        x = _transformer(c, self.out_channels, self.heads, self.attention, f"attentions_{i}",
+                         kw)(x, context)
     if self.add_upsample:
       x = Upsample2D(self.out_channels, name="upsamplers_0", **kw)(x, upsample_size)
     return x
@@ -247,6 +251,7 @@ class UpBlock(nn.Module):
 class UNetMidBlock2DCrossAttn(nn.Module):
   """diffusers UNetMidBlock2DCrossAttn: `resnets_0`, `attentions_0`, `resnets_1`."""
   config: UNetConfig
+  attention: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -258,14 +263,16 @@ class UNetMidBlock2DCrossAttn(nn.Module):
     resnet = lambda i: ResnetBlock2D(channels, c.norm_num_groups, c.norm_eps,
                                      c.mid_block_scale_factor, name=f"resnets_{i}", **kw)
     x = resnet(0)(x, temb)
-    x = _transformer(c, channels, c.num_attention_heads[-1], "attentions_0", kw)(x, context)
+    x = _transformer(c, channels, c.num_attention_heads[-1], self.attention, "attentions_0",
+                     kw)(x, context)
     return resnet(1)(x, temb)
 
 
-def _transformer(c: UNetConfig, channels: int, heads: int, name: str, kw) -> Transformer2DModel:
+def _transformer(c: UNetConfig, channels: int, heads: int, attention: str, name: str,
+                 kw) -> Transformer2DModel:
   # diffusers gives each block's transformer `heads` heads of channels // heads dimensions.
   return Transformer2DModel(heads, channels // heads, c.norm_num_groups, c.use_linear_projection,
-                            c.upcast_attention, name=name, **kw)
+                            c.upcast_attention, attention=attention, name=name, **kw)
 
 
 class UNet2DConditionModel(nn.Module):
@@ -277,11 +284,14 @@ class UNet2DConditionModel(nn.Module):
     param_dtype: parameter dtype.
     remat: wrap each down, mid and up block in `nn.remat` (recompute activations in the
       backward pass to save memory when training).
+    attention: the attention backend of every transformer block, one of
+      `lcm_jax.models.attention.BACKENDS` ("auto": the fastest the platform allows).
   """
   config: UNetConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat: bool = False
+  attention: str = "auto"
 
   def dummy_inputs(self) -> tuple[jax.Array, ...]:
     """Small inputs for `init`: (sample, timesteps, encoder_hidden_states[, timestep_cond])."""
@@ -312,6 +322,7 @@ class UNet2DConditionModel(nn.Module):
       [B, H, W, out_channels] in `dtype`.
     """
     c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    block_kw = dict(kw, attention=self.attention)
     batch = sample.shape[0]
     timesteps = jnp.asarray(timesteps)
     timesteps = jnp.broadcast_to(timesteps.reshape(-1), (batch,))
@@ -337,11 +348,11 @@ class UNet2DConditionModel(nn.Module):
       x, res = down_cls(
           c, c.block_out_channels[i], c.layers_per_block[i], c.num_attention_heads[i],
           cross_attention=block_type == "CrossAttnDownBlock2D", add_downsample=i < n - 1,
-          name=f"down_blocks_{i}", **kw)(x, emb, encoder_hidden_states)
+          name=f"down_blocks_{i}", **block_kw)(x, emb, encoder_hidden_states)
       skips += res
 
     # 3. mid
-    x = mid_cls(c, name="mid_block", **kw)(x, emb, encoder_hidden_states)
+    x = mid_cls(c, name="mid_block", **block_kw)(x, emb, encoder_hidden_states)
 
     # 4. up. When the input size is not a multiple of 2 ** (n - 1), each upsampler is told
     # the size of the skip it will meet next, as diffusers does.
@@ -357,7 +368,7 @@ class UNet2DConditionModel(nn.Module):
       x = up_cls(
           c, reversed_channels[i], num_layers, reversed_heads[i],
           cross_attention=block_type == "CrossAttnUpBlock2D", add_upsample=not is_final,
-          name=f"up_blocks_{i}", **kw)(x, res, emb, encoder_hidden_states, upsample_size)
+          name=f"up_blocks_{i}", **block_kw)(x, res, emb, encoder_hidden_states, upsample_size)
 
     # 5. out
     x = nn.silu(GroupNorm(c.norm_num_groups, c.norm_eps, name="conv_norm_out", **kw)(x))

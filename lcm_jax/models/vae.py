@@ -100,10 +100,11 @@ class UNetMidBlock2D(nn.Module):
   """diffusers UNetMidBlock2D as the VAE uses it: `resnets_0`, [`attentions_0`], `resnets_1`.
 
   The attention is single-head over all channels, with its own GroupNorm, q/k/v biases and
-  a residual connection.
+  a residual connection. `attention` is its attention backend.
   """
   config: VAEConfig
   channels: int
+  attention: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -115,7 +116,7 @@ class UNetMidBlock2D(nn.Module):
     if c.mid_block_add_attention:
       x = Attention(heads=1, dim_head=self.channels, use_bias=True,
                     norm_num_groups=c.norm_num_groups, norm_eps=_EPS, residual_connection=True,
-                    name="attentions_0", **kw)(x)
+                    attention=self.attention, name="attentions_0", **kw)(x)
     return ResnetBlock2D(self.channels, c.norm_num_groups, _EPS, name="resnets_1", **kw)(x)
 
 
@@ -161,6 +162,7 @@ class UpDecoderBlock2D(nn.Module):
 class Encoder(nn.Module):
   """diffusers vae.Encoder with double_z: image -> 2 * latent_channels moments (pre quant_conv)."""
   config: VAEConfig
+  attention: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -173,7 +175,7 @@ class Encoder(nn.Module):
     for i, out in enumerate(channels):
       x = DownEncoderBlock2D(c, out, add_downsample=i < len(channels) - 1,
                              name=f"down_blocks_{i}", **kw)(x)
-    x = UNetMidBlock2D(c, channels[-1], name="mid_block", **kw)(x)
+    x = UNetMidBlock2D(c, channels[-1], self.attention, name="mid_block", **kw)(x)
     x = nn.silu(GroupNorm(c.norm_num_groups, _EPS, name="conv_norm_out", **kw)(x))
     return conv(2 * c.latent_channels, 3, name="conv_out", **kw)(x)
 
@@ -181,6 +183,7 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
   """diffusers vae.Decoder (group norm): latents (post post_quant_conv) -> image."""
   config: VAEConfig
+  attention: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -190,7 +193,7 @@ class Decoder(nn.Module):
     c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
     reversed_channels = c.block_out_channels[::-1]
     x = conv(reversed_channels[0], 3, name="conv_in", **kw)(z)
-    x = UNetMidBlock2D(c, reversed_channels[0], name="mid_block", **kw)(x)
+    x = UNetMidBlock2D(c, reversed_channels[0], self.attention, name="mid_block", **kw)(x)
     for i, out in enumerate(reversed_channels):
       x = UpDecoderBlock2D(c, out, add_upsample=i < len(reversed_channels) - 1,
                            name=f"up_blocks_{i}", **kw)(x)
@@ -205,17 +208,19 @@ class AutoencoderKL(nn.Module):
     config: the architecture.
     dtype: compute dtype (GroupNorm statistics and softmax stay float32).
     param_dtype: parameter dtype.
+    attention: the mid-blocks' attention backend, one of `lcm_jax.models.attention.BACKENDS`.
   Outputs are in `dtype`.
   """
   config: VAEConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention: str = "auto"
 
   def setup(self):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     latent = self.config.latent_channels
-    self.encoder = Encoder(self.config, **kw)
-    self.decoder = Decoder(self.config, **kw)
+    self.encoder = Encoder(self.config, self.attention, **kw)
+    self.decoder = Decoder(self.config, self.attention, **kw)
     self.quant_conv = conv(2 * latent, 1, name="quant_conv", **kw)
     self.post_quant_conv = conv(latent, 1, name="post_quant_conv", **kw)
 
