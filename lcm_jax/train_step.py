@@ -248,6 +248,19 @@ def compute_view(tree: Any, mesh: Mesh, kernel_dtype: Any = None) -> Any:
   return jax.lax.with_sharding_constraint(tree, replicated(mesh))
 
 
+def _step_metrics(loss, grad_norm, opt_state, aux: dict) -> dict:
+  """The step's metrics: loss, grad_norm, lr (when the optimiser records it) and the loss's aux."""
+  metrics = {"loss": loss, "grad_norm": grad_norm}
+  lr = learning_rate_of(opt_state)
+  if lr is not None:
+    metrics["lr"] = jnp.asarray(lr, jnp.float32)
+  clashes = sorted(set(aux) & set(metrics))
+  if clashes:
+    raise LcmJaxError(f"the loss's aux metrics {clashes} clash with the step's own metrics")
+  metrics.update({k: jnp.asarray(v, jnp.float32) for k, v in aux.items()})
+  return metrics
+
+
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
                     ema_decay: float, *, mesh: Mesh | None = None,
                     state_shardings: TrainState | None = None, frozen_shardings: Any = None,
@@ -305,14 +318,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
     # After the optimiser step, from the updated student (diffusers' order).
     target_params = ema_update(state.target_params, params, ema_decay)
 
-    metrics = {"loss": loss, "grad_norm": grad_norm}
-    lr = learning_rate_of(opt_state)
-    if lr is not None:
-      metrics["lr"] = jnp.asarray(lr, jnp.float32)
-    clashes = sorted(set(aux) & set(metrics))
-    if clashes:
-      raise LcmJaxError(f"the loss's aux metrics {clashes} clash with the step's own metrics")
-    metrics.update({k: jnp.asarray(v, jnp.float32) for k, v in aux.items()})
+    metrics = _step_metrics(loss, grad_norm, opt_state, aux)
     new_state = state.replace(step=state.step + 1, params=params, target_params=target_params,
                               opt_state=opt_state)
     return new_state, metrics

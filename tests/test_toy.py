@@ -249,7 +249,7 @@ def _grid_tiles(path, rows: int, cols: int, size: int = 32, scale: int = 3, pad:
 
 
 def test_demo_grid_shows_the_teacher_at_50_ddim_steps_and_the_lcm(demo_run):
-  from lcm_jax.checkpoint import pipeline_from_workdir
+  from lcm_jax.workdir import load_pipeline_from_workdir
   from lcm_jax.load import load_pipeline
   from lcm_jax.text_to_image import TextToImage
   from lcm_jax.toy.demo import DEMO_PROMPTS
@@ -261,7 +261,7 @@ def test_demo_grid_shows_the_teacher_at_50_ddim_steps_and_the_lcm(demo_run):
   prompts = list(DEMO_PROMPTS)
   teacher = TextToImage(load_pipeline(TEACHER))(prompts, sampler="ddim", num_steps=50, guidance_scale=9.0)
   np.testing.assert_array_equal(tiles[0], teacher)
-  lcm = TextToImage(pipeline_from_workdir(str(workdir), "ema"))
+  lcm = TextToImage(load_pipeline_from_workdir(str(workdir), "ema"))
   for row, steps in zip(tiles[1:], (1, 2, 4)):
     np.testing.assert_array_equal(row, lcm(prompts, sampler="lcm", num_steps=steps, guidance_scale=9.0))
 
@@ -269,7 +269,7 @@ def test_demo_grid_shows_the_teacher_at_50_ddim_steps_and_the_lcm(demo_run):
 def test_lcf_on_the_shifted_colours_and_its_evaluation(demo_run):
   """configs/toy.py:lcf fine-tunes the demo's LCM without the teacher; evaluate scores it on
   the shifted prompts, and its numbers equal the metrics computed here from the same images."""
-  from lcm_jax.checkpoint import pipeline_from_workdir
+  from lcm_jax.workdir import load_pipeline_from_workdir
   from lcm_jax.text_to_image import TextToImage
   from lcm_jax.toy.metrics import DomainMetrics
   root = demo_run["root"]
@@ -292,7 +292,7 @@ def test_lcf_on_the_shifted_colours_and_its_evaluation(demo_run):
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads((out / "table.json").read_text())
   attrs = domain.prompt_set(8, 1234, colours=domain.SHIFTED_COLOURS)
-  images = TextToImage(pipeline_from_workdir(str(lcf), "ema"))([a.caption for a in attrs], sampler="lcm",
+  images = TextToImage(load_pipeline_from_workdir(str(lcf), "ema"))([a.caption for a in attrs], sampler="lcm",
                                                                  num_steps=1, guidance_scale=9.0, seed=0)
   metrics = DomainMetrics.load(METRIC)
   alignment = metrics.alignment(images, attrs)["alignment"]
