@@ -28,6 +28,7 @@ import numpy as np
 
 from lcm_jax.data import default_data_config
 from lcm_jax.errors import LcmJaxError
+from lcm_jax.models.attention import BACKENDS as ATTENTION_BACKENDS
 from lcm_jax.sharding import DEFAULT_RULES
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -105,6 +106,10 @@ def base_config() -> ml_collections.ConfigDict:
   # rather than letting XLA reshard activations to match them (lcm_jax.train_step.compute_view).
   c.mesh.gather_params = True
   c.remat = True                  # recompute the student's block activations in the backward pass
+  # Attention of the UNets and the VAE (lcm_jax.models.attention): "auto" picks cuDNN on GPU,
+  # the Pallas splash kernel on TPU and the memory-bounded "chunked" path elsewhere; "xla"
+  # materialises the logits (the reference; it does not fit SD at 768 px).
+  c.attention = "auto"
 
   # Checkpoints, logs, samples.
   c.checkpoint_every = 1000
@@ -126,7 +131,7 @@ def base_config() -> ml_collections.ConfigDict:
 RESUME_SAFE_KEYS = (
     "num_train_steps", "optimizer.lr", "log_every", "checkpoint_every", "keep_checkpoints", "sample_every",
     "sample_prompts", "sample_steps", "sample_guidance_scale", "compilation_cache_dir", "resume_with_changes",
-    "mesh.data", "mesh.fsdp", "mesh.rules", "mesh.gather_params", "remat", "grad_accum_steps",
+    "mesh.data", "mesh.fsdp", "mesh.rules", "mesh.gather_params", "remat", "attention", "grad_accum_steps",
     "data.num_workers", "data.read_threads", "data.prefetch_buffer_size", "data.worker_buffer_size")
 
 
@@ -197,6 +202,7 @@ def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   cpu_settings(c)
   c.resolution = 64
   c.batch_size = 2
+  c.mesh.data, c.mesh.fsdp = -1, 1
   c.num_train_steps = 4
   c.checkpoint_every = 2
   c.keep_checkpoints = 2
@@ -256,6 +262,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   for key in ("teacher_dtype", "compute_dtype", "target_dtype"):
     _one_of(f"precision.{key}", config.precision[key], DTYPES)
   _one_of("loss.uncond", config.loss.uncond, UNCONDS)
+  _one_of("attention", config.attention, ATTENTION_BACKENDS)
   if not 0.0 <= config.ema_decay <= 1.0:
     raise LcmJaxError(f"config.ema_decay must be in [0, 1], got {config.ema_decay}")
   if config.sample_every and not config.sample_prompts:

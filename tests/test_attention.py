@@ -127,7 +127,9 @@ def test_splash_interpret_matches_xla(lq, lk, grads):
 
 def test_splash_block_sizes_for_sd_lengths():
   """Blocks divide the padded lengths: 512 x 1024 where SD's lengths allow, 128 for text."""
-  sizes = lambda lq, lk: (lambda s: (s.block_q, s.block_kv))(attention_lib.splash_block_sizes(lq, lk))
+  def sizes(lq, lk):
+    blocks = attention_lib.splash_block_sizes(lq, lk)
+    return blocks.block_q, blocks.block_kv
   assert sizes(4096, 4096) == (512, 1024)
   assert sizes(9216, 9216) == (512, 1024)
   assert sizes(9216, 128) == (512, 128)
@@ -189,3 +191,41 @@ def test_unet_chunked_matches_diffusers():
   err, bound = fp32_error(out, torch_forward(torch_model, sample, timesteps, text, cond))
   print(f"UNet chunked: max abs error {err:.2e} (bound {bound:.2e})")
   assert err <= bound
+
+
+def test_config_attention_reaches_the_student_teacher_and_vae(tiny_pipeline):
+  """config.attention is the backend of the run's student, teacher and VAE; an unknown name is
+  refused by check_config before anything loads."""
+  from lcm_jax import config as config_lib
+  from lcm_jax.errors import LcmJaxError
+  from lcm_jax.sharding import make_mesh
+  from lcm_jax.training.frozen import abstract_frozen_models
+  from lcm_jax.training.sources import resolve_sources
+  from lcm_jax.training.state import build_student
+  config = config_lib.base_config()
+  config.teacher, config.data.path, config.attention = tiny_pipeline("sd1"), "unused", "chunked"
+  config_lib.check_config(config)
+  sources, mesh = resolve_sources(config), make_mesh(devices=jax.devices()[:1])
+  student = build_student(config, sources, mesh)
+  frozen = abstract_frozen_models(config, sources, mesh, latents_format=False, context_length=16)
+  assert (student.module.attention, frozen.teacher.attention, frozen.vae.attention) == ("chunked",) * 3
+  assert _backends_used(student.module, *student.module.dummy_inputs()) == ["chunked"] * 8
+  config.attention = "flash"
+  with pytest.raises(LcmJaxError, match="attention"):
+    config_lib.check_config(config)
+
+
+def test_target_platform_chooses_for_the_device_compiled_for():
+  """Compiling ahead of time for TPU on a CPU host (the memory plan) chooses TPU's backend and
+  block sizes, not the host's; None goes back to JAX's backend."""
+  q = jnp.zeros((1, 4096, 5, 64), jnp.bfloat16)
+  assert attention_lib.resolve_backend("auto", q) == "chunked"
+  try:
+    attention_lib.set_target_platform("tpu")
+    assert attention_lib.resolve_backend("auto", q) == "splash"
+    assert attention_lib.default_chunks(4096) == attention_lib._ACCELERATOR_CHUNKS
+  finally:
+    attention_lib.set_target_platform(None)
+  assert attention_lib.default_chunks(4096)[1] == attention_lib._CPU_KEY_CHUNK
+  with pytest.raises(ValueError, match="unknown platform"):
+    attention_lib.set_target_platform("ipu")

@@ -50,9 +50,27 @@ _CPU_KEY_CHUNK, _CPU_BLOCK_ELEMENTS, _CPU_MIN_QUERY_CHUNK = 16384, 2 ** 19, 128
 _ACCELERATOR_CHUNKS = (512, 1024)
 
 
+_target_platform: str | None = None
+
+
+def set_target_platform(platform: str | None) -> None:
+  """Choose backends and block sizes for `platform` ("tpu", "gpu", "cpu") instead of JAX's
+  default backend: for compiling ahead of time for devices this process does not have
+  (`lcm_jax.bench.memory_plan` compiles for TPU topologies on a CPU host). None resets."""
+  global _target_platform
+  if platform not in (None, "cpu", "gpu", "tpu"):
+    raise ValueError(f"unknown platform {platform!r}; choose cpu, gpu or tpu")
+  _target_platform = platform
+
+
+def target_platform() -> str:
+  """The platform attention is chosen for: `set_target_platform`'s, else JAX's default backend."""
+  return _target_platform or jax.default_backend()
+
+
 def default_chunks(key_length: int) -> tuple[int, int]:
   """(query_chunk, key_chunk) of "chunked" on this platform for this many keys."""
-  if jax.default_backend() != "cpu":
+  if target_platform() != "cpu":
     return _ACCELERATOR_CHUNKS
   key_block = min(key_length, _CPU_KEY_CHUNK)
   return max(_CPU_MIN_QUERY_CHUNK, _CPU_BLOCK_ELEMENTS // key_block), _CPU_KEY_CHUNK
@@ -88,7 +106,7 @@ def resolve_backend(backend: str, q: jax.Array) -> str:
   fallback picks for this platform, dtype and head dim (logged once per distinct choice)."""
   if backend not in BACKENDS:
     raise ValueError(f"unknown attention backend {backend!r}; choose from {', '.join(BACKENDS)}")
-  platform = jax.default_backend()
+  platform = target_platform()
   what = f"{q.dtype} head dim {q.shape[-1]} on {platform}"
   if backend == "auto":
     choice = {"gpu": "cudnn", "tpu": "splash"}.get(platform, "chunked")
@@ -236,7 +254,7 @@ def _backward_head(qb, kb, vb, bias, lse, dob, delta, scale):
 def _over_heads(fn, *args):
   """Maps fn over the leading (batch x heads) axis: a loop of 2-D matmuls on CPU, where
   XLA's batched dots are slow (measured 1.4x slower at 4096 tokens), vmap elsewhere."""
-  if jax.default_backend() == "cpu":
+  if target_platform() == "cpu":
     return jax.lax.map(lambda a: fn(*a), args)
   return jax.vmap(fn)(*args)
 
@@ -303,6 +321,16 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, query_chunk: 
 _LANES = 128  # TPU lane width: the kernel's sequence blocks are multiples of it
 
 
+def _splash_lib():
+  """JAX's splash-attention kernel and mask modules, imported on first use (Pallas TPU code
+  that CPU and GPU runs never need)."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import (
+    splash_attention_kernel,
+    splash_attention_mask,
+  )
+  return splash_attention_kernel, splash_attention_mask
+
+
 def _largest_dividing(length: int, candidates: tuple[int, ...]) -> int:
   return next(c for c in candidates if length % c == 0)
 
@@ -315,7 +343,7 @@ def splash_block_sizes(lq: int, lk: int):
   fp32 logits block is 2 MB of the 16+ MB VMEM), else 256 or 128; the 77 text tokens pad to
   one 128-key block. The backward uses the same blocks.
   """
-  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  sk, _ = _splash_lib()
   bq = _largest_dividing(lq, (512, 256, 128))
   bkv = _largest_dividing(lk, (1024, 512, 256, 128))
   return sk.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=min(bkv, 512),
@@ -325,8 +353,7 @@ def splash_block_sizes(lq: int, lk: int):
 
 @functools.lru_cache(maxsize=None)
 def _splash_kernel(heads: int, lq: int, lk: int, interpret: bool):
-  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
-  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+  sk, sm = _splash_lib()
   mask = sm.MultiHeadMask([sm.FullMask((lq, lk))] * heads)
   # The kernel holds its block-mask arrays; made concrete, not traced, so the cache can
   # hand them to any later trace.
@@ -342,10 +369,10 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   (query segment 0 everywhere, padded keys segment 1). The kernel applies no scale, so q is
   scaled by 1/sqrt(D) first (exact in bf16 for D = 64).
   """
-  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  sk, _ = _splash_lib()
   (_, lq, heads, d), lk = q.shape, k.shape[1]
   plq, plk = (-(-n // _LANES) * _LANES for n in (lq, lk))
-  kernel = _splash_kernel(heads, plq, plk, jax.default_backend() != "tpu")
+  kernel = _splash_kernel(heads, plq, plk, target_platform() != "tpu")
   heads_major = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
   qh = heads_major((q * d ** -0.5).astype(q.dtype), plq)
   kh, vh = heads_major(k, plk), heads_major(v, plk)

@@ -29,12 +29,12 @@ def sharded_placer(abstract: Any, mesh: jax.sharding.Mesh,
 
 
 def load_sharded(folder: str, component: str, mesh, *, dtype, param_dtype, variant=None, config=None,
-                 rules: Sequence | None = None):
+                 rules: Sequence | None = None, **module_kwargs):
   """(module, params) of one component folder, each parameter placed in its sharding."""
   config = read_json(os.path.join(folder, "config.json")) if config is None else config
   abstract = abstract_params(build_module(component, config, dtype=dtype, param_dtype=param_dtype))
   module, params, _ = load_component(folder, component, dtype=dtype, param_dtype=param_dtype, variant=variant,
-                                     place=sharded_placer(abstract, mesh, rules))
+                                     place=sharded_placer(abstract, mesh, rules), **module_kwargs)
   return module, params
 
 
@@ -61,6 +61,12 @@ class FrozenModels:
   scaling_factor: float
 
 
+def module_options(config, component: str) -> dict:
+  """Module attributes the config sets for a frozen component: the attention backend of the
+  UNet and the VAE (the text encoder's 77 tokens need none)."""
+  return {"attention": config.attention} if component in ("unet", "vae") else {}
+
+
 def needed_components(config, latents_format: bool) -> tuple[bool, bool]:
   """(needs the VAE, needs the text encoder): when images are encoded in the step, the
   unconditional context is the empty prompt's (text encoder), or samples are drawn."""
@@ -77,7 +83,8 @@ def load_frozen_models(config, sources: Sources, mesh: jax.sharding.Mesh, *, tok
   rules = tuple(config.mesh.rules)
   needs_vae, needs_text = needed_components(config, latents_format)
   kw = dict(dtype=teacher_dtype, param_dtype=teacher_dtype, variant=sources.base_variant, rules=rules)
-  vae, vae_params = (load_sharded(os.path.join(sources.base, "vae"), "vae", mesh, **kw)
+  vae, vae_params = (load_sharded(os.path.join(sources.base, "vae"), "vae", mesh, **kw,
+                                  **module_options(config, "vae"))
                      if needs_vae else (None, None))
   text_encoder, text_params = (load_sharded(os.path.join(sources.base, "text_encoder"), "text_encoder", mesh, **kw)
                                if needs_text else (None, None))
@@ -92,18 +99,19 @@ def load_frozen_models(config, sources: Sources, mesh: jax.sharding.Mesh, *, tok
     arrays["vae"], arrays["text_encoder"] = vae_params, text_params
   teacher = teacher_fp32 = None
   if sources.teacher:
-    teacher, teacher_fp32, arrays["teacher"] = _load_teacher(sources, mesh, teacher_dtype, rules)
+    teacher, teacher_fp32, arrays["teacher"] = _load_teacher(sources, mesh, teacher_dtype, rules,
+                                                                      module_options(config, "unet"))
   return FrozenModels(vae=vae, vae_params=vae_params, text_encoder=text_encoder, text_params=text_params,
                       teacher=teacher, teacher_fp32=teacher_fp32, arrays=arrays,
                       scaling_factor=vae_scaling_factor(sources.vae_config))
 
 
-def _load_teacher(sources: Sources, mesh, teacher_dtype, rules):
+def _load_teacher(sources: Sources, mesh, teacher_dtype, rules, options: dict):
   """(module, float32 weights, weights in teacher_dtype): the weights are read once in float32
   (a fresh student copies them as master weights) and the teacher is a cast of them."""
   folder = os.path.join(sources.teacher, "unet")
   config = read_json(os.path.join(folder, "config.json"))
-  module = build_module("unet", config, dtype=teacher_dtype, param_dtype=teacher_dtype)
+  module = build_module("unet", config, dtype=teacher_dtype, param_dtype=teacher_dtype, **options)
   _, fp32 = load_sharded(folder, "unet", mesh, dtype=teacher_dtype, param_dtype=jnp.float32,
                          variant=sources.base_variant, config=config, rules=rules)
   cast = lambda tree: jax.tree.map(lambda x: x.astype(teacher_dtype), tree)
@@ -119,7 +127,8 @@ def abstract_frozen_models(config, sources: Sources, mesh: jax.sharding.Mesh, *,
   needs_vae, needs_text = needed_components(config, latents_format)
 
   def abstract(component: str, component_config, param_dtype=dtype):
-    module = build_module(component, component_config, dtype=dtype, param_dtype=param_dtype)
+    module = build_module(component, component_config, dtype=dtype, param_dtype=param_dtype,
+                          **module_options(config, component))
     shapes = abstract_params(module)
     shardings = param_shardings(shapes, mesh, rules=rules)
     return module, jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)

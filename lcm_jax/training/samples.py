@@ -49,7 +49,7 @@ class SampleWriter:
     if is_main:
       dtype = jax.numpy.dtype
       unet = build_module("unet", unet_config, dtype=dtype(config.precision.compute_dtype),
-                          param_dtype=dtype(config.precision.target_dtype))
+                          param_dtype=dtype(config.precision.target_dtype), attention=config.attention)
       self.text_to_image = TextToImage(Pipeline(
           unet=unet, vae=frozen.vae, text_encoder=frozen.text_encoder, tokenizer=tokenizer, params=params,
           configs={"unet": unet_config, "vae": vae_config, "scheduler": scheduler_config}))

@@ -38,7 +38,8 @@ class Student:
 
 def build_student(config: ml_collections.ConfigDict, sources: Sources, mesh: jax.sharding.Mesh) -> Student:
   module = build_module("unet", sources.student_unet_config, dtype=jnp.dtype(config.precision.compute_dtype),
-                        param_dtype=jnp.float32, remat=config.remat)
+                        param_dtype=jnp.float32, remat=config.remat,
+                        attention=config.attention)
   abstract = abstract_params(module)
   return Student(module=module, abstract=abstract,
                  shardings=param_shardings(abstract, mesh, rules=tuple(config.mesh.rules)))
