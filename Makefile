@@ -41,12 +41,13 @@ demo: $(CORE_STAMP)
 # The README's toy Table 1 and LCF numbers, from the LCM that `make demo` distils (about 25
 # minutes on 2 CPU cores after the demo): score it against the teacher's samplers, then
 # fine-tune it with LCF on the colours the teacher never saw and score it there before/after.
+# The generated images are cached under workdirs/toy_eval (a rerun skips finished cells), not docs/.
 toy-table: demo
-	$(PY) -m lcm_jax.toy.evaluate --lcm workdirs/toy --output docs/toy/table1
+	$(PY) -m lcm_jax.toy.evaluate --lcm workdirs/toy --output docs/toy/table1 --cache_dir workdirs/toy_eval/table1
 	$(PY) -m lcm_jax.toy.domain --output workdirs/toy_data/shifted --num_images 4000 --colours shifted --seed 5
-	$(PY) -m lcm_jax.toy.evaluate --lcm workdirs/toy --output docs/toy/lcf_before --domain shifted --samplers lcm --steps 1,2,4,8 --reference_steps 0
+	$(PY) -m lcm_jax.toy.evaluate --lcm workdirs/toy --output docs/toy/lcf_before --domain shifted --samplers lcm --steps 1,2,4,8 --reference_steps 0 --cache_dir workdirs/toy_eval/lcf_before
 	$(PY) -m lcm_jax.train --config=configs/toy.py:lcf --workdir=workdirs/toy_lcf
-	$(PY) -m lcm_jax.toy.evaluate --lcm workdirs/toy_lcf --output docs/toy/lcf_after --domain shifted --samplers lcm --steps 1,2,4,8 --reference_steps 0
+	$(PY) -m lcm_jax.toy.evaluate --lcm workdirs/toy_lcf --output docs/toy/lcf_after --domain shifted --samplers lcm --steps 1,2,4,8 --reference_steps 0 --cache_dir workdirs/toy_eval/lcf_after
 
 clean:
 	rm -rf $(VENV) build *.egg-info

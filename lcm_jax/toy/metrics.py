@@ -10,7 +10,8 @@ shapes, so we train our own feature network on the domain:
   network scores every sampler, so no sampler is favoured: it is to this domain what
   Inception is to ImageNet-like photos.
 * FID: the Frechet distance between Gaussians fitted to the network's penultimate features
-  (128-d, after the ReLU the heads read) of generated images and of real images.
+  (128-d, after the ReLU the heads read) of generated images and of real images (the
+  library's float64 statistics and Frechet distance, `lcm_jax.eval.fid`).
 * Text alignment (our stand-in for the CLIP score): the fraction of generated images whose
   shape colour, shape and position, as the classifier reads them, all equal the caption's.
   Chance level is 1 / (9 x 4 x 5) = 0.56%; real images score the classifier's accuracy.
@@ -21,6 +22,10 @@ The trained network is shipped in `lcm_jax/toy/weights/metric/` (1.5 MB) and reb
 
 (7 minutes on 2 CPU cores). Shipping it keeps the numbers comparable between machines
 and JAX versions; retraining gives the same network only on the same software and hardware.
+
+`make_toy_metrics` wraps both scores in the evaluation engine's metric protocol
+(`lcm_jax.eval.metric`) for `python -m lcm_jax.toy.evaluate`; `toy_metrics` is the plugin
+behind `python -m lcm_jax.evaluate --metrics toy`.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import numpy as np
 import optax
 
 from lcm_jax.errors import LcmJaxError
+from lcm_jax.eval.fid import feature_statistics, frechet_distance
 from lcm_jax.safetensors_io import SafetensorsFile, write_safetensors
 from lcm_jax.toy import METRIC_DIR, display_path, domain
 from lcm_jax.weights import flatten_tree, unflatten_tree
@@ -204,25 +210,88 @@ def alignment_scores(predictions: dict[str, np.ndarray], attrs: Sequence[domain.
   return out
 
 
-def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """features [N, D] -> (mean [D], covariance [D, D]) in float64."""
-  features = np.asarray(features, np.float64)
-  return features.mean(axis=0), np.cov(features, rowvar=False)
+# ----------------------------------------------------------------------------------------
+# The toy's metrics in the evaluation engine's metric protocol (`lcm_jax.eval.metric`):
+# `python -m lcm_jax.toy.evaluate` uses them, and `python -m lcm_jax.evaluate --metrics toy`
+# plugs them in (`toy_metrics`).
+
+REFERENCE_SEED = 777  # the jitter of the real images the toy FID compares against
 
 
-def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray) -> float:
-  """|mu1 - mu2|^2 + tr(cov1 + cov2 - 2 (cov1 cov2)^(1/2)), as in Heusel et al. 2017.
+def toy_columns(prefix: str = ""):
+  """The toy's (FID, alignment) table columns; a prefix ("toy_") keeps them apart from
+  Inception's FID in the same table."""
+  import dataclasses
 
-  tr((cov1 cov2)^(1/2)) is computed as the sum of the square roots of the eigenvalues of the
-  symmetric PSD matrix cov1^(1/2) cov2 cov1^(1/2) (the same eigenvalues), which stays exact
-  where `scipy.linalg.sqrtm` warns about singular covariances (dead ReLU features).
-  """
-  w, v = np.linalg.eigh(cov1)
-  root1 = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
-  inner = root1 @ cov2 @ root1
-  eigenvalues = np.linalg.eigvalsh(0.5 * (inner + inner.T))
-  trace_sqrt = float(np.sum(np.sqrt(np.clip(eigenvalues, 0.0, None))))
-  return float(np.sum(np.square(mu1 - mu2)) + np.trace(cov1) + np.trace(cov2) - 2.0 * trace_sqrt)
+  from lcm_jax.eval.metric import FID_COLUMN, Column
+  label = prefix.replace("_", " ")
+  fid = dataclasses.replace(FID_COLUMN, key=f"{prefix}fid", header=f"{label}FID ↓", short=f"{label}FID",
+                            plot_title=f"{label}FID, log scale (lower is better)")
+  align = Column(f"{prefix}alignment", f"{label}Align ↑", f"{label}align", lower_is_better=False, percent=True,
+                 digits=1, plot_title=f"{label}text alignment (higher is better)")
+  return fid, align
+
+
+class _AlignmentAccumulator:
+  def __init__(self, metrics: DomainMetrics, prefix: str):
+    self.metrics, self.prefix, self.predictions, self.attrs = metrics, prefix, [], []
+
+  def update(self, images: np.ndarray, prompts: Sequence[str]) -> None:
+    self.predictions.append(self.metrics.read(images)[1])
+    self.attrs += [domain.parse_caption(p) for p in prompts]
+
+  def result(self) -> dict[str, float]:
+    merged = {k: np.concatenate([p[k] for p in self.predictions]) for k in HEADS}
+    return {self.prefix + k: v for k, v in alignment_scores(merged, self.attrs).items()}
+
+
+class ToyAlignment:
+  """Text alignment (and each head's accuracy) of images with their captions, as the
+  attribute network reads them."""
+
+  def __init__(self, metrics: DomainMetrics, metric_dir: str, prefix: str = ""):
+    self.metrics, self.metric_dir, self.prefix = metrics, metric_dir, prefix
+    self.name, self.columns = f"{prefix}alignment", (toy_columns(prefix)[1],)
+
+  def settings(self) -> dict:
+    from lcm_jax.eval.metric import fingerprint
+    return {"attribute_net": fingerprint(self.metric_dir)}
+
+  def describe(self) -> str:
+    what = f"{self.prefix.replace('_', ' ')}text alignment"
+    return (f"{what[0].upper() + what[1:]}: the fraction of images whose shape colour, shape and position "
+            f"the attribute network ({display_path(self.metric_dir)}) reads back equal to the caption's.")
+
+  def start(self) -> _AlignmentAccumulator:
+    return _AlignmentAccumulator(self.metrics, self.prefix)
+
+
+def make_toy_metrics(attrs: Sequence[domain.Attributes], metric_dir: str = METRIC_DIR, prefix: str = "") -> list:
+  """[FID, text alignment] of the toy domain for a prompt set's attributes. The FID's
+  reference is a real draw of the same attributes (jitter seed REFERENCE_SEED), in the
+  attribute network's features. prefix: of their names and keys."""
+  from lcm_jax.eval.metric import FIDMetric, fingerprint
+  metrics = DomainMetrics.load(metric_dir)
+  reference = feature_statistics(metrics.features(domain.draw_all(attrs, REFERENCE_SEED)))
+  settings = {"features": "toy attribute network", "weights": fingerprint(metric_dir),
+              "reference": f"real draw (seed {REFERENCE_SEED}) of {len(attrs)} prompts",
+              "reference_mu": float(np.sum(reference[0]))}
+  description = (f"{prefix.replace('_', ' ')}FID: penultimate 128-d features of the toy attribute network "
+                 f"({display_path(metric_dir)}), no resizing (32x32 in, [-1, 1]); reference: real domain images "
+                 f"drawn for the same {len(attrs)} prompts (jitter seed {REFERENCE_SEED}), statistics in float64.")
+  fid = FIDMetric(metrics.features, reference, settings, description, name=f"{prefix}fid",
+                  column=toy_columns(prefix)[0])
+  return [fid, ToyAlignment(metrics, metric_dir, prefix)]
+
+
+def toy_metrics(context) -> list:
+  """The plugin of `python -m lcm_jax.evaluate --metrics toy`: toy_fid and toy_alignment
+  (prefixed, so they sit beside Inception's fid); the prompts must be toy captions."""
+  try:
+    attrs = [domain.parse_caption(p) for p in context.prompts]
+  except ValueError as e:
+    raise LcmJaxError(f"--metrics toy reads toy captions only: {e}") from None
+  return make_toy_metrics(attrs, prefix="toy_")
 
 
 # ----------------------------------------------------------------------------------------
