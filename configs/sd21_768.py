@@ -20,4 +20,7 @@ def get_config(arg=None):
   c.data.format = "wds"
   c.resolution = 768
   c.batch_size = 16
+  # Every chip holds 1/N of the parameters, optimiser state and EMA target (FSDP over all
+  # devices): the replicated state alone (~15 GiB) would fill a 16 GiB v5e chip.
+  c.mesh.data, c.mesh.fsdp = 1, -1
   return config_lib.runlocal(c) if arg.runlocal else c

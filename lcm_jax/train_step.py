@@ -261,6 +261,25 @@ def _step_metrics(loss, grad_norm, opt_state, aux: dict) -> dict:
   return metrics
 
 
+def _on_mesh(loss_fn: LossFn, mesh: Mesh | None, gather_params: bool, kernel_dtype: Any) -> LossFn:
+  """The loss as the step traces it: under the mesh as the abstract mesh (kernels XLA cannot
+  partition, such as Pallas attention, shard_map themselves over it) and, with gather_params
+  on an fsdp axis, on the `compute_view` of the parameters."""
+  if mesh is None:
+    return loss_fn
+  gather = gather_params and mesh.shape.get("fsdp", 1) > 1
+
+  def step_loss(params, target, frozen, batch, rng):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      if gather:
+        # The frozen models are stored in their compute dtype already; only the student and
+        # its target (float32 master weights) are cast.
+        params, target = compute_view(params, mesh, kernel_dtype), compute_view(target, mesh, kernel_dtype)
+        frozen = compute_view(frozen, mesh)
+      return loss_fn(params, target, frozen, batch, rng)
+  return step_loss
+
+
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
                     ema_decay: float, *, mesh: Mesh | None = None,
                     state_shardings: TrainState | None = None, frozen_shardings: Any = None,
@@ -295,13 +314,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
     **aux}, float32 scalars.
   """
 
-  step_loss = loss_fn
-  if gather_params and mesh is not None and mesh.shape.get("fsdp", 1) > 1:
-    def step_loss(params, target, frozen, batch, rng):
-      # The frozen models are stored in their compute dtype already; only the student and
-      # its target (float32 master weights) are cast.
-      return loss_fn(compute_view(params, mesh, kernel_dtype), compute_view(target, mesh, kernel_dtype),
-                     compute_view(frozen, mesh), batch, rng)
+  step_loss = _on_mesh(loss_fn, mesh, gather_params, kernel_dtype)
 
   def train_step(state: TrainState, frozen: Any, batch: Any) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(state.rng, state.step)

@@ -229,3 +229,39 @@ def test_target_platform_chooses_for_the_device_compiled_for():
   assert attention_lib.default_chunks(4096)[1] == attention_lib._CPU_KEY_CHUNK
   with pytest.raises(ValueError, match="unknown platform"):
     attention_lib.set_target_platform("ipu")
+
+
+_SPLASH_ON_A_MESH = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from lcm_jax.models.attention import attention, xla_attention
+mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(1, 2), ("data", "fsdp"))
+keys = jax.random.split(jax.random.key(0), 3)
+q, k, v = (jax.device_put(jax.random.normal(key, (4, 128, 2, 64)), NamedSharding(mesh, P(("data", "fsdp"))))
+           for key in keys)
+def f(q, k, v):
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    return attention(q, k, v, backend="splash")
+step = jax.jit(f)
+text = step.lower(q, k, v).as_text()
+err = float(jnp.max(jnp.abs(step(q, k, v) - xla_attention(q, k, v))) / jnp.max(jnp.abs(xla_attention(q, k, v))))
+print("manual" in text or "shard_map" in text, err)
+"""
+
+
+def test_splash_under_a_mesh_runs_per_device():
+  """XLA cannot partition a Pallas kernel (a TPU compile of a sharded step fails with "Mosaic
+  kernels cannot be automatically partitioned"): under the trainer's mesh the splash call is a
+  shard_map over the batch, and its result equals the materialised reference."""
+  import os
+  import subprocess
+  import sys
+
+  from tests.helpers import REPO
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  r = subprocess.run([sys.executable, "-c", _SPLASH_ON_A_MESH], capture_output=True, text=True, cwd=REPO,
+                     env=env, timeout=900)
+  assert r.returncode == 0, r.stderr[-3000:]
+  manual, error = r.stdout.split()[-2:]
+  assert manual == "True"
+  assert float(error) <= RTOL

@@ -60,6 +60,9 @@ def topology_devices(topology: str) -> tuple[list, str]:
     if len(devices) < n:
       raise LcmJaxError(f"--topology={topology}: only {len(devices)} CPU devices (XLA_FLAGS is read at import)")
     return devices[:n], "cpu"
+  from lcm_jax.models import attention
+  # Attention backends and block sizes are chosen for the target, not for this CPU host.
+  attention.set_target_platform("tpu")
   try:
     from jax.experimental import topologies
     desc = topologies.get_topology_desc(topology_name=topology, platform="tpu")
@@ -118,7 +121,8 @@ class Compiled:
     return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
 
   @classmethod
-  def of(cls, lowered) -> "Compiled":
+  def of(cls, lowered, flops: float | None = None) -> "Compiled":
+    """Compiles `lowered`; `flops` (per chip) replaces the compiler's count when given."""
     start = time.perf_counter()
     try:
       executable = lowered.compile()
@@ -127,7 +131,7 @@ class Compiled:
       needed = re.search(r"HLO temporaries \(([\d.]+)G\)", message)
       if "RESOURCE_EXHAUSTED" not in message or not needed:
         raise
-      return cls(0, 0, 0, int(float(needed.group(1)) * GIB), 0.0, time.perf_counter() - start,
+      return cls(0, 0, 0, int(float(needed.group(1)) * GIB), flops or 0.0, time.perf_counter() - start,
                  error=message[message.index("RESOURCE_EXHAUSTED"):][:300])
     seconds = time.perf_counter() - start
     memory = executable.memory_analysis()
@@ -135,7 +139,8 @@ class Compiled:
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return cls(argument_bytes=int(memory.argument_size_in_bytes), output_bytes=int(memory.output_size_in_bytes),
                alias_bytes=int(memory.alias_size_in_bytes), temp_bytes=int(memory.temp_size_in_bytes),
-               flops=float((cost or {}).get("flops", 0.0)), compile_seconds=seconds)
+               flops=flops if flops is not None else float((cost or {}).get("flops", 0.0)),
+               compile_seconds=seconds)
 
 
 def lower_train_step(config, devices):
@@ -171,6 +176,23 @@ def lower_train_step(config, devices):
   batch = abstract_batch(config, sources, student, latents_format, text_length, batch_sharding(mesh))
   batch = {k: batch[k] for k in device_keys(latents_format)}
   return step.lower(state, frozen.arrays, batch), mesh
+
+
+def step_flops(config, devices) -> float:
+  """FLOPs per chip of one step, counted on the step's HLO before partitioning, with the
+  attention materialised and one microbatch: the same arithmetic as the compiled step, in a
+  form XLA's cost analysis counts whole (it counts a loop's body once, so the chunked
+  attention's and the microbatch scans, and a Pallas kernel's custom call, would undercount).
+  Recomputation (remat) is included; collectives are not. Lowered for one CPU device (the
+  TPU client does not analyse unpartitioned HLO); the count does not depend on the devices."""
+  import jax
+  flat = config.copy_and_resolve_references()
+  with flat.unlocked():
+    flat.attention, flat.grad_accum_steps, flat.mesh.data, flat.mesh.fsdp = "xla", 1, 1, 1
+  lowered, _ = lower_train_step(flat, jax.devices("cpu")[:1])
+  cost = lowered.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float((cost or {}).get("flops", 0.0)) / len(devices)
 
 
 def abstract_batch(config, sources, student, latents_format: bool, text_length: int, sharding) -> dict:
@@ -255,15 +277,16 @@ def plan(config, topology: str, sampling: bool) -> dict:
   devices, chip = topology_devices(topology)
   with tempfile.TemporaryDirectory() as scratch:
     resolve_teacher(config, scratch)
+    flops = step_flops(config, devices)
     lowered, mesh = lower_train_step(config, devices)
     per_chip = config.batch_size / len(devices)
     print(f"{topology} ({len(devices)} chips), mesh {dict(mesh.shape)}, global batch {config.batch_size} "
           f"({per_chip:g} per chip, {config.grad_accum_steps} microbatch(es)), resolution {config.resolution}, "
-          f"remat {config.remat}, data {config.data.format}; compiling the train step ...", flush=True)
+          f"remat {config.remat}, attention {config.attention}, data {config.data.format}; compiling the train step ...", flush=True)
     result = {"topology": topology, "chips": len(devices), "mesh": dict(mesh.shape), "batch_size": config.batch_size,
               "grad_accum_steps": config.grad_accum_steps, "resolution": config.resolution,
-              "remat": config.remat, "data_format": config.data.format,
-              "precision": dict(config.precision), "train_step": report("train step", Compiled.of(lowered), chip,
+              "remat": config.remat, "attention": config.attention, "data_format": config.data.format,
+              "precision": dict(config.precision), "train_step": report("train step", Compiled.of(lowered, flops), chip,
                                                                         per_chip)}
     if sampling:
       for batch in (1, 8):

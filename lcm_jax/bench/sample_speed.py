@@ -22,6 +22,14 @@ compile time is reported apart.
 
   python -m lcm_jax.bench.sample_speed                       # 512x512 on a GPU, 256x256 on CPU
   python -m lcm_jax.bench.sample_speed --resolution 128 --batch_size 1 --repeats 2   # quick CPU run
+  python -m lcm_jax.bench.sample_speed --runs LCM --breakdown --whole_process 3 \
+      --compilation_cache /tmp/lcm_xla_cache      # where the time goes; whole processes
+
+--breakdown also times one UNet call and one VAE decode at the same size on each side.
+--whole_process N times N interleaved pairs of whole processes, as a user runs them:
+`python -m lcm_jax.sample` (4-step LCM, one batch; with --compilation_cache, JAX's persistent
+compilation cache in that folder, so runs after the first load their compiled program) against
+a diffusers process that imports, loads LatentConsistencyModelPipeline and generates once.
 
 Needs ~9 GB of disk, ~12 GB of host memory, diffusers and torch. Not a test.
 """
@@ -98,8 +106,11 @@ def write_latents(folder: str, batch: int, size: int) -> str:
 
 
 def _time_calls(call, repeats: int) -> float:
-  """Median seconds of `repeats` calls after one warm-up call."""
+  """Median seconds of `repeats` calls after one warm-up call (repeats 0: the one call's)."""
+  t0 = time.perf_counter()
   call()
+  if repeats == 0:
+    return time.perf_counter() - t0
   times = []
   for _ in range(repeats):
     t0 = time.perf_counter()
@@ -108,7 +119,38 @@ def _time_calls(call, repeats: int) -> float:
   return statistics.median(times)
 
 
-def run_jax(folder: str, size: int, batch: int, repeats: int, dtype: str) -> dict:
+def _runs(names: list[str] | None) -> tuple:
+  """The entries of RUNS named (all when None)."""
+  return tuple(r for r in RUNS if names is None or r[0] in names)
+
+
+def _best_seconds(call, repeats: int = 2) -> float:
+  """Fastest of `repeats` calls after a warm-up call."""
+  call()
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    call()
+    times.append(time.perf_counter() - t0)
+  return min(times)
+
+
+def jax_components(pipe, latents, context) -> dict:
+  """Seconds of one UNet call and one VAE decode (compiled apart) on these NHWC latents."""
+  import jax
+
+  from lcm_jax.models.vae import AutoencoderKL
+  dim = pipe.unet.config.time_cond_proj_dim
+  cond = None if dim is None else jax.numpy.zeros((latents.shape[0], dim), latents.dtype)
+  unet = jax.jit(lambda p, z, c, g: pipe.unet.apply({"params": p}, z, 500, c, g))
+  vae = jax.jit(lambda p, z: pipe.vae.apply({"params": p}, z, method=AutoencoderKL.decode))
+  unet_args = (pipe.params["unet"], latents, context, cond)
+  return dict(unet_s=_best_seconds(lambda: jax.block_until_ready(unet(*unet_args))),
+              vae_decode_s=_best_seconds(lambda: jax.block_until_ready(vae(pipe.params["vae"], latents))))
+
+
+def run_jax(folder: str, size: int, batch: int, repeats: int, dtype: str, runs=None,
+            breakdown: bool = False) -> dict:
   import gc
 
   import jax
@@ -121,7 +163,7 @@ def run_jax(folder: str, size: int, batch: int, repeats: int, dtype: str) -> dic
   latents = np.load(write_latents(folder, batch, size))
   prompts = [PROMPT] * batch
   result = dict(device=str(jax.devices()[0].device_kind), backend=jax.default_backend())
-  for name, pipeline, sampler, steps, guidance in RUNS:
+  for name, pipeline, sampler, steps, guidance in _runs(runs):
     t0 = time.perf_counter()
     pipe = load_pipeline(os.path.join(folder, pipeline), dtype=jdtype, param_dtype=jdtype)
     load_s = time.perf_counter() - t0
@@ -132,12 +174,28 @@ def run_jax(folder: str, size: int, batch: int, repeats: int, dtype: str) -> dic
     result[name] = dict(seconds=_time_calls(call, repeats), compile_s=t2i.compile_seconds, load_s=load_s)
     assert t2i.num_compiled == 1, "a timed call recompiled"
     result["unet_params"] = sum(x.size for x in jax.tree_util.tree_leaves(pipe.params["unet"]))
+    if breakdown:
+      from lcm_jax.text_to_image import encode_prompts
+      nhwc = jnp.asarray(latents.transpose(0, 2, 3, 1), jdtype)
+      result[name].update(jax_components(pipe, nhwc, encode_prompts(pipe, prompts)))
     del pipe, t2i, call
     gc.collect()  # one pipeline's weights in memory at a time
   return result
 
 
-def run_torch(folder: str, size: int, batch: int, repeats: int, dtype: str) -> dict:
+def torch_components(pipe, latents, prompts) -> dict:
+  """Seconds of one UNet call and one VAE decode on these NCHW latents (diffusers)."""
+  import torch
+  with torch.inference_mode():
+    context = pipe.encode_prompt(prompts, latents.device, 1, False)[0]
+    dim = pipe.unet.config.time_cond_proj_dim
+    cond = None if dim is None else torch.zeros(latents.shape[0], dim, dtype=latents.dtype, device=latents.device)
+    unet = lambda: pipe.unet(latents, 500, context, timestep_cond=cond)
+    return dict(unet_s=_best_seconds(unet), vae_decode_s=_best_seconds(lambda: pipe.vae.decode(latents)))
+
+
+def run_torch(folder: str, size: int, batch: int, repeats: int, dtype: str, runs=None,
+              breakdown: bool = False) -> dict:
   import gc
 
   import numpy as np
@@ -154,7 +212,7 @@ def run_torch(folder: str, size: int, batch: int, repeats: int, dtype: str) -> d
   prompts = [PROMPT] * batch
   result = dict(device=torch.cuda.get_device_name() if device == "cuda"
                 else f"cpu ({torch.get_num_threads()} threads)")
-  for name, pipeline, _, steps, guidance in RUNS:
+  for name, pipeline, _, steps, guidance in _runs(runs):
     t0 = time.perf_counter()
     if name == "LCM":
       pipe = LatentConsistencyModelPipeline.from_pretrained(
@@ -176,6 +234,8 @@ def run_torch(folder: str, size: int, batch: int, repeats: int, dtype: str) -> d
         torch.cuda.synchronize()
 
     result[name] = dict(seconds=_time_calls(call, repeats), load_s=load_s)
+    if breakdown:
+      result[name].update(torch_components(pipe, latents, prompts))
     del pipe, call
     gc.collect()
   return result
@@ -187,6 +247,57 @@ def _default_resolution() -> tuple[int, str]:
   return (512, backend) if backend in ("gpu", "tpu") else (256, backend)
 
 
+def whole_process(workdir: str, size: int, batch: int, dtype: str, pairs: int,
+                  cache_dir: str | None) -> dict:
+  """Wall seconds of `pairs` interleaved whole processes each: `python -m lcm_jax.sample`
+  (LCM, one batch) and a diffusers process (imports, load, one LCM call)."""
+  import subprocess
+  latents = write_latents(workdir, batch, size)
+  out = tempfile.mkdtemp(prefix="lcm_sample_out_")
+  name, pipeline, _, steps, guidance = RUNS[0]
+  jax_cmd = [sys.executable, "-m", "lcm_jax.sample", "--model", os.path.join(workdir, pipeline),
+             "--steps", str(steps), "--guidance_scale", str(guidance), "--height", str(size),
+             "--width", str(size), "--batch_size", str(batch), "--latents", latents, "--dtype", dtype,
+             "--output", out] + ["--prompt", PROMPT] * batch
+  torch_cmd = [sys.executable, "-m", "lcm_jax.bench.sample_speed", "--_role", "torch", "--workdir", workdir,
+               "--resolution", str(size), "--batch_size", str(batch), "--repeats", "0", "--dtype", dtype,
+               "--runs", name]
+  env = dict(os.environ, **({"JAX_COMPILATION_CACHE_DIR": cache_dir} if cache_dir else {}))
+  times = {"lcm-jax": [], "diffusers": []}
+  for _ in range(pairs):
+    for side, cmd in (("lcm-jax", jax_cmd), ("diffusers", torch_cmd)):
+      t0 = time.perf_counter()
+      subprocess.run(cmd, check=True, capture_output=True, env=env)
+      times[side].append(time.perf_counter() - t0)
+  return times
+
+
+def report(results: dict, size: int, batch: int, dtype: str, backend: str, runs: tuple) -> None:
+  """Prints images/s, ratios, compile and load times (and the breakdown when measured)."""
+  j, t = results["jax"], results["torch"]
+  print(f"\nSD 2.1 architecture, random weights (UNet {j['unet_params'] / 1e6:.0f}M + time_cond_proj_dim 256, "
+        f"SD VAE, CLIP text 1024x23 gelu with a ~700-token test vocabulary), {size}x{size}, "
+        f"batch {batch}, {dtype}")
+  print(f"lcm-jax on {j['device']} ({j['backend']}); diffusers on {t['device']}")
+  if size < 512:
+    print(f"NOTE: {size}x{size} is below SD's 512x512 (a {backend.upper()} run): the UNet works on "
+          f"{size // 8}x{size // 8} latents, so these numbers say little about 512x512 speed.")
+  print(f"{'':26s}{'lcm-jax':>16s}{'diffusers':>16s}{'lcm-jax / diffusers':>22s}   lcm-jax compile")
+  for name, _, _, steps, _ in runs:
+    jr, tr = j[name], t[name]
+    j_ips, t_ips = batch / jr["seconds"], batch / tr["seconds"]
+    print(f"{f'{name}, {steps} steps':26s}{j_ips:>11.3f} im/s{t_ips:>11.3f} im/s{j_ips / t_ips:>21.2f}x"
+          f"   {jr['compile_s']:.0f}s")
+  for name, *_ in runs:
+    print(f"load time ({name} pipeline): lcm-jax {j[name]['load_s']:.1f}s, diffusers {t[name]['load_s']:.1f}s")
+    for part in ("unet_s", "vae_decode_s"):
+      if part in j[name]:
+        print(f"  one {part[:-2].replace('_', ' ')} call: lcm-jax {j[name][part]:.2f}s, diffusers "
+              f"{t[name][part]:.2f}s, ratio {j[name][part] / t[name][part]:.2f}")
+  for side, times in results.get("whole_process", {}).items():
+    print(f"whole process ({side}): " + ", ".join(f"{x:.1f}s" for x in times) + " (in run order)")
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--resolution", type=int, default=None,
@@ -195,12 +306,17 @@ def main() -> None:
   parser.add_argument("--repeats", type=int, default=3, help="timed calls after one warm-up call")
   parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="both sides' weights and compute")
   parser.add_argument("--workdir", default=None, help="where the random pipeline is saved (default: a temp dir)")
+  parser.add_argument("--runs", nargs="+", choices=[r[0] for r in RUNS], default=None, help="default: all")
+  parser.add_argument("--breakdown", action="store_true", help="also time one UNet call and one VAE decode")
+  parser.add_argument("--whole_process", type=int, default=0, help="pairs of whole processes to time (LCM)")
+  parser.add_argument("--compilation_cache", default=None, help="JAX_COMPILATION_CACHE_DIR of --whole_process")
+  parser.add_argument("--json", default=None, help="also write the results to this file")
   parser.add_argument("--_role", choices=["save", "jax", "torch"], help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args._role:
-    fn = {"save": lambda: save_pipeline(args.workdir),
-          "jax": lambda: run_jax(args.workdir, args.resolution, args.batch_size, args.repeats, args.dtype),
-          "torch": lambda: run_torch(args.workdir, args.resolution, args.batch_size, args.repeats, args.dtype)}
+    role_args = (args.workdir, args.resolution, args.batch_size, args.repeats, args.dtype, args.runs, args.breakdown)
+    fn = {"save": lambda: save_pipeline(args.workdir), "jax": lambda: run_jax(*role_args),
+          "torch": lambda: run_torch(*role_args)}
     print("RESULT " + json.dumps(fn[args._role]() or {}))
     return
 
@@ -209,32 +325,23 @@ def main() -> None:
   if size % 8:
     sys.exit(f"--resolution {size} must be a multiple of 8 (the VAE's factor; diffusers' rule)")
   workdir = args.workdir or tempfile.mkdtemp(prefix="lcm_sample_bench_")
+  role_flags = ["--workdir", workdir, "--resolution", str(size), "--batch_size", str(args.batch_size),
+                "--repeats", str(args.repeats), "--dtype", args.dtype]
+  role_flags += (["--runs", *args.runs] if args.runs else []) + (["--breakdown"] if args.breakdown else [])
   results = {}
   for role in ("save", "jax", "torch"):
     if role == "save" and os.path.exists(os.path.join(workdir, "teacher", "model_index.json")):
       continue
     start = time.perf_counter()
-    results[role] = run_role("lcm_jax.bench.sample_speed", role,
-                             ["--workdir", workdir, "--resolution", str(size), "--batch_size", str(args.batch_size),
-                              "--repeats", str(args.repeats), "--dtype", args.dtype])
+    results[role] = run_role("lcm_jax.bench.sample_speed", role, role_flags)
     print(f"[{role}] done in {time.perf_counter() - start:.0f}s", flush=True)
-
-  j, t = results["jax"], results["torch"]
-  print(f"\nSD 2.1 architecture, random weights (UNet {j['unet_params'] / 1e6:.0f}M + time_cond_proj_dim 256, "
-        f"SD VAE, CLIP text 1024x23 gelu with a ~700-token test vocabulary), {size}x{size}, "
-        f"batch {args.batch_size}, {args.dtype}")
-  print(f"lcm-jax on {j['device']} ({j['backend']}); diffusers on {t['device']}")
-  if size < 512:
-    print(f"NOTE: {size}x{size} is below SD's 512x512 (a {backend.upper()} run): the UNet works on "
-          f"{size // 8}x{size // 8} latents, so these numbers say little about 512x512 speed.")
-  print(f"{'':26s}{'lcm-jax':>16s}{'diffusers':>16s}{'lcm-jax / diffusers':>22s}   lcm-jax compile")
-  for name, _, _, steps, _ in RUNS:
-    jr, tr = j[name], t[name]
-    j_ips, t_ips = args.batch_size / jr["seconds"], args.batch_size / tr["seconds"]
-    print(f"{f'{name}, {steps} steps':26s}{j_ips:>11.3f} im/s{t_ips:>11.3f} im/s{j_ips / t_ips:>21.2f}x"
-          f"   {jr['compile_s']:.0f}s")
-  for name, *_ in RUNS:
-    print(f"load time ({name} pipeline): lcm-jax {j[name]['load_s']:.1f}s, diffusers {t[name]['load_s']:.1f}s")
+  if args.whole_process:
+    results["whole_process"] = whole_process(workdir, size, args.batch_size, args.dtype, args.whole_process,
+                                             args.compilation_cache)
+  report(results, size, args.batch_size, args.dtype, backend, _runs(args.runs))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(dict(results, resolution=size, batch_size=args.batch_size, dtype=args.dtype), f, indent=1)
 
 
 if __name__ == "__main__":

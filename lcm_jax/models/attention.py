@@ -365,6 +365,22 @@ def _splash_kernel(heads: int, lq: int, lk: int, interpret: bool):
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   """The splash kernel on q [B, Lq, N, D], k, v [B, Lk, N, D] -> [B, Lq, N, D].
 
+  XLA cannot partition a Pallas kernel, so under a mesh (`jax.sharding.use_abstract_mesh`,
+  which `lcm_jax.train_step.make_train_step` sets while tracing) the kernel runs per device
+  in a `shard_map` over the batch, split over every mesh axis as the trainer splits batches.
+  A batch the mesh does not divide (e.g. one image) runs as one partition.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1 or q.shape[0] % mesh.size:
+    return _splash_local(q, k, v)
+  spec = jax.sharding.PartitionSpec(tuple(mesh.axis_names))
+  return jax.shard_map(_splash_local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
+                       check_vma=False)(q, k, v)
+
+
+def _splash_local(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """`splash_attention` on one device's arrays.
+
   Lengths are padded to multiples of 128; padded keys are masked out with segment ids
   (query segment 0 everywhere, padded keys segment 1). The kernel applies no scale, so q is
   scaled by 1/sqrt(D) first (exact in bf16 for D = 64).
