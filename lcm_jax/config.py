@@ -197,12 +197,14 @@ def cpu_settings(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Shrinks a real config to a run that finishes on a CPU in seconds (give a tiny teacher and
-  data on the command line): the smallest SD resolution, 2 images a step, 4 steps with a
-  checkpoint every 2, a log every step, no sample grids; the loss and optimiser are unchanged."""
+  data on the command line): the smallest SD resolution, 2 images a step (data-parallel, one
+  microbatch), 4 steps with a checkpoint every 2, a log every step, no sample grids; the loss
+  and optimiser are unchanged."""
   cpu_settings(c)
   c.resolution = 64
   c.batch_size = 2
   c.mesh.data, c.mesh.fsdp = -1, 1
+  c.grad_accum_steps = 1
   c.num_train_steps = 4
   c.checkpoint_every = 2
   c.keep_checkpoints = 2
