@@ -116,6 +116,8 @@ def check_grid(samplers: list[str], steps: list[str], teacher: str | None, lcm: 
     from lcm_jax import workdir
     if not workdir.is_workdir(os.path.expanduser(lcm)):
       raise LcmJaxError(f"--lcm_step needs a training workdir as --lcm; {lcm} is not one")
+    if not os.path.isdir(os.path.join(workdir.checkpoint_dir(os.path.expanduser(lcm)), str(lcm_step))):
+      raise LcmJaxError(f"--lcm_step {lcm_step}: {lcm} has no checkpoint of that step")
   return samplers, steps
 
 

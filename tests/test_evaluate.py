@@ -364,6 +364,10 @@ def test_bad_flags_and_paths_give_one_error_line_and_exit_2(tmp_path):
   prompts = tmp_path / "prompts.txt"
   prompts.write_text("\n".join(PROMPTS))
   out = tmp_path / "out"
+  workdir = tmp_path / "workdir"  # the shape of a training workdir, with checkpoint 5 only
+  (workdir / "checkpoints" / "5").mkdir(parents=True)
+  (workdir / "model" / "unet").mkdir(parents=True)
+  (workdir / "model" / "unet" / "config.json").write_text("{}")
   good = [f"--teacher={tmp_path}", f"--lcm={tmp_path}", f"--prompts={prompts}", f"--reference={tmp_path}",
           "--resolution=16", f"--output={out}"]
   cases = [
@@ -381,6 +385,7 @@ def test_bad_flags_and_paths_give_one_error_line_and_exit_2(tmp_path):
       (["--metrics=fid,nosuch_module_xyz:m"], "cannot import the metric plugin module"),
       (["--clip=./no/clip"], "--clip ./no/clip does not exist"),
       (["--lcm_step=3"], "--lcm_step needs a training workdir"),
+      ([f"--lcm={workdir}", "--lcm_step=7"], "has no checkpoint of that step"),
       (["--metrics=toy"], "--metrics toy reads toy captions only"),  # the alias loads the toy's plugin
   ]
   for extra, message in cases:

@@ -94,7 +94,9 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
   if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
     raise ValueError(f"mismatched statistics: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}")
   root1, _ = _sqrt_psd(sigma1)
-  _, eigenvalues = _sqrt_psd(root1 @ sigma2 @ root1)
+  inner = root1 @ sigma2 @ root1
+  # Only the eigenvalues of the second matrix are needed (eigvalsh: no eigenvectors, no product).
+  eigenvalues = np.clip(np.linalg.eigvalsh(0.5 * (inner + inner.T)), 0.0, None)
   trace_sqrt = float(np.sum(np.sqrt(eigenvalues)))
   diff = mu1 - mu2
   return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt)
