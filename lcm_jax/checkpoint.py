@@ -54,12 +54,23 @@ class DataIteratorHandler(ocp.CheckpointHandler):
 
   def restore(self, directory: epath.Path, args: "DataIteratorRestore"):
     path = epath.Path(directory) / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-    if not path.exists():
+    if path.exists():
+      args.item.set_state(self._read(path))
+      return args.item
+    # Written by another number of processes: an iterator that can resume from all of their
+    # states (lcm_jax.data.TrainData) gets them; anything else cannot be carried over.
+    others = sorted(epath.Path(directory).glob("process_*-of-*.json"),
+                    key=lambda p: int(p.name.split("_")[1].split("-")[0]))
+    if not others or not hasattr(args.item, "resume_from_processes"):
       raise LcmJaxError(f"{path} is missing: the checkpoint was written by a run with another "
                         f"number of processes ({jax.process_count()} now)")
-    record = json.loads(path.read_text())
-    args.item.set_state(record["bytes"].encode() if "bytes" in record else record["json"])
+    args.item.resume_from_processes([self._read(p) for p in others])
     return args.item
+
+  @staticmethod
+  def _read(path: epath.Path):
+    record = json.loads(path.read_text())
+    return record["bytes"].encode() if "bytes" in record else record["json"]
 
   def metadata(self, directory: epath.Path):
     return None

@@ -170,36 +170,103 @@ def distributed_launch_args(environ: Mapping[str, str]) -> dict[str, Any] | None
   """Keyword arguments for `jax.distributed.initialize` if `environ` describes a
   multi-process launch, else None.
 
-  Recognised: explicit `JAX_COORDINATOR_ADDRESS` + `JAX_NUM_PROCESSES` + `JAX_PROCESS_ID`;
-  SLURM (`SLURM_NTASKS` > 1); Open MPI (`OMPI_COMM_WORLD_SIZE` > 1); multi-host Cloud TPU
-  and GKE (`TPU_WORKER_HOSTNAMES` / `TPU_PROCESS_ADDRESSES` naming several hosts, or
-  `MEGASCALE_COORDINATOR_ADDRESS` for multislice). For the managed environments JAX's own
-  cluster detection fills in the addresses, so the arguments are empty.
-  """
-  def count(name: str) -> int:
-    try:
-      return int(environ.get(name, "1"))
-    except ValueError:
-      return 1
+  Recognised, first match wins:
+  * explicit `JAX_COORDINATOR_ADDRESS` + `JAX_NUM_PROCESSES` + `JAX_PROCESS_ID`
+    (+ optional `JAX_LOCAL_DEVICE_IDS`, "0,1,...": the local devices this process drives);
+  * the PyTorch convention (torchrun, Kubernetes PyTorchJob/JobSet): `MASTER_ADDR` +
+    `MASTER_PORT` + `WORLD_SIZE` + `RANK` (see `torch_launch_args`);
+  * SLURM (`SLURM_JOB_ID` and `SLURM_NTASKS` > 1, e.g. tasks of `srun`); Open MPI's `mpirun`
+    (`OMPI_COMM_WORLD_SIZE` > 1); multi-host Cloud TPU and GKE (`TPU_WORKER_HOSTNAMES` /
+    `TPU_PROCESS_ADDRESSES` naming several hosts, or `MEGASCALE_COORDINATOR_ADDRESS` for
+    multislice). For these managed environments JAX's own cluster detection fills in the
+    addresses, so the arguments are empty.
 
+  Raises:
+    LcmJaxError if several processes are evident (WORLD_SIZE, LOCAL_WORLD_SIZE, SLURM_NTASKS,
+    OMPI_COMM_WORLD_SIZE, PMI_SIZE or JAX_NUM_PROCESSES above 1, RANK or LOCAL_RANK above 0)
+    but none of the above says how to join them: each process would otherwise train its own
+    copy into one workdir.
+  """
   if environ.get("JAX_COORDINATOR_ADDRESS"):
-    try:
-      num, pid = int(environ["JAX_NUM_PROCESSES"]), int(environ["JAX_PROCESS_ID"])
-    except (KeyError, ValueError) as e:
-      raise LcmJaxError("JAX_COORDINATOR_ADDRESS is set, so JAX_NUM_PROCESSES and "
-                        "JAX_PROCESS_ID must be set to integers too") from e
-    return {"coordinator_address": environ["JAX_COORDINATOR_ADDRESS"],
-            "num_processes": num, "process_id": pid} if num > 1 else None
-  if "SLURM_JOB_ID" in environ and count("SLURM_NTASKS") > 1:
+    num, pid = _ints(environ, "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", because="JAX_COORDINATOR_ADDRESS is set")
+    if num <= 1:
+      return None
+    return {"coordinator_address": environ["JAX_COORDINATOR_ADDRESS"], "num_processes": num, "process_id": pid,
+            **_local_devices(environ)}
+  if environ.get("MASTER_ADDR") and _count(environ, "WORLD_SIZE") > 1:
+    return torch_launch_args(environ)
+  if "SLURM_JOB_ID" in environ and _count(environ, "SLURM_NTASKS") > 1:
     return {}
-  if "OMPI_MCA_orte_hnp_uri" in environ and count("OMPI_COMM_WORLD_SIZE") > 1:
+  if "OMPI_MCA_orte_hnp_uri" in environ and _count(environ, "OMPI_COMM_WORLD_SIZE") > 1:
     return {}
   hosts = environ.get("TPU_PROCESS_ADDRESSES") or environ.get("TPU_WORKER_HOSTNAMES") or ""
-  if len([h for h in hosts.split(",") if h.strip()]) > 1:
+  if len([h for h in hosts.split(",") if h.strip()]) > 1 or environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
     return {}
-  if environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
-    return {}
+  evident = ([f"{v}={environ[v]}" for v in _PROCESS_COUNT_VARIABLES if _count(environ, v) > 1]
+             + [f"{v}={environ[v]}" for v in _PROCESS_RANK_VARIABLES if _count(environ, v, default=0) > 0])
+  if evident:
+    raise LcmJaxError(f"{evident[0]} says this is one of several processes, but nothing says how to join them "
+                      "(no JAX_COORDINATOR_ADDRESS, MASTER_ADDR, SLURM job, mpirun or TPU hosts); set "
+                      "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, or MASTER_ADDR, "
+                      "MASTER_PORT, WORLD_SIZE and RANK")
   return None
+
+
+# Variables launchers set to the number of processes (on all nodes, or on this one).
+_PROCESS_COUNT_VARIABLES = ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "JAX_NUM_PROCESSES", "SLURM_NTASKS",
+                            "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+# ... and to this process's rank: above 0, there are others.
+_PROCESS_RANK_VARIABLES = ("RANK", "LOCAL_RANK")
+
+
+def _count(environ: Mapping[str, str], name: str, default: int = 1) -> int:
+  """An integer variable, `default` when unset or not an integer."""
+  try:
+    return int(environ.get(name, str(default)))
+  except ValueError:
+    return default
+
+
+def _ints(environ: Mapping[str, str], *names: str, because: str) -> list[int]:
+  try:
+    return [int(environ[n]) for n in names]
+  except (KeyError, ValueError):
+    raise LcmJaxError(f"{because}, so {' and '.join(names)} must be set to integers too") from None
+
+
+def torch_launch_args(environ: Mapping[str, str]) -> dict[str, Any]:
+  """`jax.distributed.initialize` arguments from the PyTorch launch convention.
+
+  The coordinator is MASTER_ADDR on MASTER_PORT, or on `JAX_COORDINATOR_PORT` if set; under
+  torchrun (TORCHELASTIC_RUN_ID set) torchrun's own store holds MASTER_PORT, so the default
+  is MASTER_PORT + 1 there. With several processes on a node (LOCAL_WORLD_SIZE > 1, one per
+  GPU) each takes the GPU of its LOCAL_RANK; with one, it takes all of the node's GPUs.
+  """
+  size, rank, port = _ints(environ, "WORLD_SIZE", "RANK", "MASTER_PORT", because="MASTER_ADDR is set")
+  if not 0 <= rank < size:
+    raise LcmJaxError(f"RANK={rank} is not in [0, WORLD_SIZE={size})")
+  if environ.get("JAX_COORDINATOR_PORT"):
+    (port,) = _ints(environ, "JAX_COORDINATOR_PORT", because="JAX_COORDINATOR_PORT is set")
+  elif environ.get("TORCHELASTIC_RUN_ID"):
+    port += 1
+  args = {"coordinator_address": f"{environ['MASTER_ADDR']}:{port}", "num_processes": size, "process_id": rank}
+  if _count(environ, "LOCAL_WORLD_SIZE") > 1:
+    (local_rank,) = _ints(environ, "LOCAL_RANK", because="LOCAL_WORLD_SIZE is above 1")
+    args["local_device_ids"] = [local_rank]
+  return {**args, **_local_devices(environ)}
+
+
+def _local_devices(environ: Mapping[str, str]) -> dict[str, list[int]]:
+  """`local_device_ids` from JAX_LOCAL_DEVICE_IDS ("0,1,2,3": the local GPUs this process
+  drives), if set. Needed where JAX would pick one: inside a SLURM step it gives each process
+  the GPU of its SLURM_LOCALID, even a process meant to drive all GPUs of its node."""
+  ids = environ.get("JAX_LOCAL_DEVICE_IDS", "").strip()
+  if not ids:
+    return {}
+  try:
+    return {"local_device_ids": [int(i) for i in ids.split(",")]}
+  except ValueError:
+    raise LcmJaxError(f"JAX_LOCAL_DEVICE_IDS={ids!r} is not a comma-separated list of device numbers") from None
 
 
 def initialize_distributed(environ: Mapping[str, str] | None = None, force: bool = False) -> bool:
@@ -207,16 +274,21 @@ def initialize_distributed(environ: Mapping[str, str] | None = None, force: bool
 
   Must run before anything touches a JAX device. Single-process runs (one host, any number
   of local devices) skip it. On a multi-host Cloud TPU VM whose environment names no hosts,
-  pass `force=True` (JAX then reads the TPU metadata server).
+  pass `force=True` (JAX then reads the TPU metadata server). CPU processes exchange their
+  collectives over gloo (JAX's default since 0.5; set here for older versions).
 
   Returns:
     True if this call initialised the distributed runtime.
+  Raises:
+    LcmJaxError as `distributed_launch_args`.
   """
   if jax.distributed.is_initialized():
     return False
   args = distributed_launch_args(os.environ if environ is None else environ)
   if args is None and not force:
     return False
+  if jax.config.jax_cpu_collectives_implementation in (None, "none"):
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(**(args or {}))
   return True
 

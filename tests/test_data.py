@@ -316,23 +316,114 @@ def test_same_seed_same_batches_new_order_each_epoch(wds, tokenizer):
   assert keys_in(first_c[:7], lookup) != epoch1  # another seed, another order
 
 
-def test_processes_read_disjoint_shares_that_cover_everything(wds, imagefolder, tokenizer):
-  # 14 good samples per process for wds, at most 7 (of 7 records) for imagefolder: 14 batches
-  # of one sample cover a whole epoch of either.
-  for (folder, good), fmt in ((wds, "wds"), (imagefolder, "imagefolder")):
-    lookup = key_lookup(tokenizer, good)
-    shares = []
-    for p in range(2):
-      td = data(folder, tokenizer, format=fmt, batch=2, process_index=p, process_count=2)
-      try:
-        assert td.local_batch_size == 1
-        shares.append(set(keys_in(take(td, 14), lookup)))
-      finally:
+def test_tar_shards_are_split_whole_between_processes(wds, tokenizer):
+  # 14 good samples per process: 14 batches of one sample cover a whole epoch of each.
+  folder, good = wds
+  lookup = key_lookup(tokenizer, good)
+  shares = []
+  for p in range(2):
+    td = data(folder, tokenizer, batch=2, process_index=p, process_count=2)
+    try:
+      assert td.local_batch_size == 1
+      shares.append(set(keys_in(take(td, 14), lookup)))
+    finally:
+      td.close()
+  assert not shares[0] & shares[1]
+  assert shares[0] | shares[1] == set(good)
+  assert {k[:5] for k in shares[0]} == {"00000", "00002"}  # process 0 reads shards 0 and 2
+
+
+@pytest.fixture(scope="module")
+def clean_folder(tmp_path_factory):
+  """An image folder of 12 usable records (captions "photo 200" ... "photo 211")."""
+  folder = str(tmp_path_factory.mktemp("clean"))
+  good = {}
+  with open(os.path.join(folder, "metadata.jsonl"), "w") as f:
+    for i in range(12):
+      image, ext = make_image(200 + i)
+      with open(os.path.join(folder, f"{i:02d}.{ext}"), "wb") as img:
+        img.write(image)
+      f.write(json.dumps({"file_name": f"{i:02d}.{ext}", "text": caption_of(200 + i)}) + "\n")
+      good[f"{i:02d}.{ext}"] = (image, caption_of(200 + i))
+  return folder, good
+
+
+def global_batches(folder, tokenizer, processes: int, n: int, state_after: int | None = None, **opts) -> list[dict]:
+  """n global batches of 4 read by `processes` processes: each process's batch of every step,
+  concatenated in process order (as `make_global_batch` lays them out)."""
+  readers = [data(folder, tokenizer, format="imagefolder", batch=4, process_index=p, process_count=processes,
+                  center_crop=False, random_flip=True, **opts) for p in range(processes)]
+  try:
+    per_process = [take(td, n) for td in readers]
+  finally:
+    for td in readers:
+      td.close()
+  return [{k: np.concatenate([b[s][k] for b in per_process]) for k in ("pixels", "input_ids")} for s in range(n)]
+
+
+def test_global_batches_do_not_depend_on_the_process_count(clean_folder, tokenizer):
+  """Process p reads its contiguous slice of every global batch: 1, 2 and 4 processes give the
+  same records, the same augmentations and the same order; within an epoch the processes read
+  disjoint records whose union is the data set."""
+  folder, good = clean_folder
+  lookup = key_lookup(tokenizer, good)
+  one = global_batches(folder, tokenizer, 1, 6)  # 2 epochs of 3 global batches
+  assert sorted(keys_in(one[:3], lookup)) == sorted(good)
+  assert keys_in(one[:3], lookup) != keys_in(one[3:], lookup)  # reshuffled every epoch
+  for processes in (2, 4):
+    assert_batches_equal(global_batches(folder, tokenizer, processes, 6), one)
+  readers = [data(folder, tokenizer, format="imagefolder", batch=4, process_index=p, process_count=2)
+             for p in range(2)]
+  try:
+    shares = [keys_in(take(td, 3), lookup) for td in readers]  # one epoch
+  finally:
+    for td in readers:
+      td.close()
+  assert len(shares[0]) == len(shares[1]) == 6
+  assert not set(shares[0]) & set(shares[1]) and sorted(shares[0] + shares[1]) == sorted(good)
+
+
+def test_data_position_carries_over_to_another_process_count(clean_folder, wds, tokenizer):
+  """A position saved by P processes resumes with P' processes at the same global batch."""
+  folder, _ = clean_folder
+  opts = dict(format="imagefolder", batch=4, center_crop=False, random_flip=True)
+  expected = global_batches(folder, tokenizer, 1, 5)[2:]
+  for saved_by, resumed_by in ((2, 1), (1, 4)):
+    states = []
+    for p in range(saved_by):
+      td = data(folder, tokenizer, process_index=p, process_count=saved_by, **opts)
+      take(td, 2)
+      states.append(json.loads(json.dumps(td.get_state())))
+      td.close()
+    readers = [data(folder, tokenizer, process_index=p, process_count=resumed_by, **opts) for p in range(resumed_by)]
+    try:
+      for td in readers:
+        td.resume_from_processes(states)
+      per_process = [take(td, 3) for td in readers]
+      again = readers[0].get_state()
+    finally:
+      for td in readers:
         td.close()
-    assert not shares[0] & shares[1], fmt
-    assert shares[0] | shares[1] == set(good), fmt
-    if fmt == "wds":  # tar shards are split whole: process 0 reads shards 0 and 2
-      assert {k[:5] for k in shares[0]} == {"00000", "00002"}
+    resumed = [{k: np.concatenate([b[s][k] for b in per_process]) for k in ("pixels", "input_ids")} for s in range(3)]
+    assert_batches_equal(resumed, expected)
+    assert again["start_batch"] == 2 and again["batches"] == 3
+  td = data(folder, tokenizer, **opts)
+  try:
+    with pytest.raises(LcmJaxError, match="another process layout"):  # set_state is for the same processes
+      td.set_state({**states[0], "layout": {**states[0]["layout"], "process_count": 2}})
+  finally:
+    td.close()
+  wds_states = []
+  for p in range(2):
+    td = data(wds[0], tokenizer, batch=2, process_index=p, process_count=2)
+    wds_states.append(td.get_state())
+    td.close()
+  td = data(wds[0], tokenizer, batch=2)
+  try:
+    with pytest.raises(LcmJaxError, match="own whole shards, so resume with the same number of processes"):
+      td.resume_from_processes(wds_states)
+  finally:
+    td.close()
 
 
 def test_state_restore_continues_the_sequence(wds, tokenizer):

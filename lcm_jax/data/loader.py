@@ -2,26 +2,39 @@
 
 The pipeline of one process (`make_train_data`):
 
-  source (records)  -> this process's share (tar shards [p::P], or records [p::P])
+  source (records; for tar shards only this process's shards [p::P])
   -> random_map: decode, resize, crop, flip, tokenize  (an unusable record -> skip marker)
-  -> shuffle (seed; a new order every epoch) -> repeat forever -> read threads
+  -> shuffle (seed; a new order every epoch) -> repeat forever: the stream
+  -> this process's slice of every global batch -> read threads
   -> drop skip markers (counting them) -> batch -> [worker processes: everything above]
   -> float pixels -> running count of skipped records, in every batch as "num_skipped"
 
-Every random choice is a function of (seed, process, epoch, record), so the same seed gives
-the same batches; the iterator's state (`get_state`/`set_state`, JSON) resumes the exact
-sequence, skip count included.
+Global batches: with records read by random access (image folders, TFDS, latent caches)
+every process builds the same stream, and global batch s is its positions [s*B, (s+1)*B);
+process p of P trains on the contiguous slice [s*B + p*b, s*B + (p+1)*b), b = B / P. So the
+global batch holds the same records in the same order whatever the number of processes, and
+a run's result does not depend on how many processes read its data. (An unusable record is
+dropped and the process takes the next record of its own slices, so with skipped records the
+batches from there on do depend on the process count.) Tar shards are the exception: each
+process indexes and reads only its own whole shards (indexing every shard on every host would
+read the data set once per host), so a webdataset run's batches depend on the process count.
+
+Every random choice is a function of (seed, epoch, record) (and of the process for tar
+shards), so the same seed gives the same batches; the iterator's state (`get_state` /
+`set_state`, JSON) resumes the exact sequence, skip count included, and a run with another
+process count resumes at the same global batch (`TrainData.resume_from_processes`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import grain
 import ml_collections
 import numpy as np
+from absl import logging
 
 from lcm_jax.data import latents as latents_lib
 from lcm_jax.data import preprocess, sources
@@ -94,36 +107,88 @@ def resolve_data_config(data_config: Mapping | None) -> ml_collections.ConfigDic
 # ----------------------------------------------------------------------------- sources
 
 
+def shared_stream(data_format: str) -> bool:
+  """Whether every process reads the same stream of the whole data set (random access), or,
+  for tar shards, only its own shards."""
+  return data_format != "wds"
+
+
 def image_source(config: ml_collections.ConfigDict, *, process_index: int = 0, process_count: int = 1):
-  """The raw-record source of this process for an image format, and whether it still has
-  to be split by record ([p::P]); tar shards are split whole, before indexing, so that each
-  process indexes only its own shards."""
+  """The raw-record source of this process for an image format, and whether it is shared by
+  all processes (each then takes its slice of every global batch). Tar shards are not: they
+  are split whole, before indexing, so that each process indexes only its own shards."""
   if config.format == "wds":
     fs, shards = sources.find_files(config.path, ("tar",), "tar shards")
     if len(shards) < process_count:
       raise LcmJaxError(f"{config.path}: {len(shards)} tar shard(s) cannot be split over {process_count} "
                         "processes (each process reads whole shards); write at least one shard per process")
     extensions = tuple(e.strip().lower().lstrip(".") for e in config.image_key.split(",") if e.strip())
-    return sources.TarShardSource(fs, shards[process_index::process_count], image_extensions=extensions,
-                                  caption_extension=config.caption_key.lstrip(".")), False
-  if config.format == "imagefolder":
-    return sources.ImageFolderSource(config.path, caption_key=config.caption_key), True
-  if config.format == "tfds":
-    return sources.TfdsSource(config.tfds_name or config.path, split=config.tfds_split,
-                              data_dir=config.data_dir or None, image_key=config.image_key,
-                              caption_key=config.caption_key), True
-  raise LcmJaxError(f"{config.format!r} is not an image format")
+    source = sources.TarShardSource(fs, shards[process_index::process_count], image_extensions=extensions,
+                                    caption_extension=config.caption_key.lstrip("."))
+  elif config.format == "imagefolder":
+    source = sources.ImageFolderSource(config.path, caption_key=config.caption_key)
+  elif config.format == "tfds":
+    source = sources.TfdsSource(config.tfds_name or config.path, split=config.tfds_split,
+                                data_dir=config.data_dir or None, image_key=config.image_key,
+                                caption_key=config.caption_key)
+  else:
+    raise LcmJaxError(f"{config.format!r} is not an image format")
+  return source, shared_stream(config.format)
 
 
-def _records(source, split_by_record: bool, process_index: int, process_count: int, what: str) -> grain.MapDataset:
+def _records(source, what: str) -> grain.MapDataset:
   if len(source) == 0:
     raise LcmJaxError(f"{what} is empty: no records")
-  ds = grain.MapDataset.source(source)
-  if split_by_record:
-    if len(source) < process_count:
-      raise LcmJaxError(f"{what} has {len(source)} records, fewer than the {process_count} processes")
-    ds = ds[process_index::process_count]
-  return ds
+  return grain.MapDataset.source(source)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchLayout:
+  """Where this process's examples sit in the stream: global batch s is stream positions
+  [s*B, (s+1)*B) and this process takes [s*B + p*b, s*B + (p+1)*b) of it (B = b * P).
+
+  `shared` is False for tar shards: the stream is then this process's own, and it takes all
+  of it (the layout of one process); `process_index`/`process_count` still name the run's."""
+  process_index: int
+  process_count: int
+  local_batch_size: int
+  shared: bool
+
+  @property
+  def slices(self) -> tuple[int, int]:
+    """(this process's slice, slices per global batch) of the stream it reads."""
+    return (self.process_index, self.process_count) if self.shared else (0, 1)
+
+  def as_json(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+class _GlobalBatchSlice(grain.MapDataset):
+  """This process's examples of an (infinite) stream: its slice of every global batch
+  (`BatchLayout`), from global batch `start_batch` on."""
+
+  def __init__(self, parent: grain.MapDataset, layout: BatchLayout, start_batch: int):
+    super().__init__(parent)
+    self._slice, self._slices = layout.slices
+    self._local = layout.local_batch_size
+    self._global = self._local * self._slices
+    self._start = start_batch
+    self._length = max(0, len(parent) // self._global - start_batch) * self._local
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __str__(self) -> str:
+    return f"_GlobalBatchSlice({self._slice} of {self._slices}, from batch {self._start})"
+
+  def _stream_index(self, index: int) -> int:
+    batch, offset = divmod(index, self._local)
+    return (self._start + batch) * self._global + self._slice * self._local + offset
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    return self._parent[self._stream_index(index)]
 
 
 # ----------------------------------------------------------------------------- skip handling
@@ -208,7 +273,7 @@ def _pixels_to_float(batch: dict) -> dict:
 class TrainData:
   """The training batches of this process.
 
-  Iterate it (or `iterator`) for batches, dicts of numpy arrays:
+  Iterate it for batches, dicts of numpy arrays:
     image formats: "pixels" float32 [b, R, R, 3] in [-1, 1], "input_ids" int32 [b, L];
     latents: "latent_mean", "latent_logvar" float32 [b, h, w, C], "context" float32 [b, L, D];
     always: "num_skipped" int64 scalar: records skipped on this process since the start of
@@ -216,41 +281,104 @@ class TrainData:
   b = global_batch_size // process_count. The iterator never ends (epochs repeat).
 
   Attributes:
-    iterator: the grain `DatasetIterator`; `get_state()` / `set_state(state)` (a JSON-able
-      dict), or Orbax: `grain.checkpoint.CheckpointSave(iterator)` / `CheckpointRestore`.
+    iterator: the grain `DatasetIterator` (replaced when a restore moves the start batch).
     local_batch_size: b.
-    num_records: records in this process's share of one epoch (skipped ones included).
+    num_records: records in one epoch of the stream this process draws from, skipped ones
+      included: the whole data set, or for tar shards this process's shards.
     format: the data format.
     latents_metadata: for `latents`, the cache's metadata.json (vae_scaling_factor,
       latent_shape, text_shape, model, resolution, ...); None otherwise.
+    layout: where this process's examples sit in the global batches.
+    build: start batch -> a fresh iterator of this process's batches from that global batch.
   """
   iterator: grain.DatasetIterator
   local_batch_size: int
   num_records: int
   format: str
+  layout: BatchLayout
+  build: Callable[[int], grain.DatasetIterator]
   latents_metadata: dict | None = None
+  start_batch: int = 0
+  batches: int = 0  # batches yielded since start_batch: the data position is start_batch + batches
 
   def __iter__(self) -> Iterator[dict]:
     return self
 
   def __next__(self) -> dict:
-    return next(self.iterator)
+    batch = next(self.iterator)
+    self.batches += 1
+    return batch
 
   def get_state(self) -> dict[str, Any]:
-    return self.iterator.get_state()
+    """The position, JSON-able: the grain iterator's state, the global batch it started at,
+    the batches yielded since, and the layout (a restore checks it)."""
+    return {"iterator": self.iterator.get_state(), "start_batch": self.start_batch, "batches": self.batches,
+            "layout": self.layout.as_json()}
 
   def set_state(self, state: dict[str, Any]) -> None:
-    self.iterator.set_state(state)
+    """Resumes at a `get_state()` of a run with the same processes (or a bare grain iterator
+    state, as checkpoints written before the layout was recorded hold)."""
+    if "iterator" not in state:
+      self.iterator.set_state(state)
+      return
+    if state["layout"] != self.layout.as_json():
+      raise LcmJaxError(f"the data position {state['layout']} was saved by another process layout than "
+                        f"this one {self.layout.as_json()}; restore it with resume_from_processes")
+    if state["start_batch"] != self.start_batch:
+      self._restart(int(state["start_batch"]))
+    self.iterator.set_state(state["iterator"])
+    self.batches = int(state["batches"])
+
+  def resume_from_processes(self, states: list[dict[str, Any]]) -> None:
+    """Resumes at the global batch where the processes of another run (another process count)
+    stopped, given every one of their `get_state()`s; this process gets their whole skip count
+    if it is process 0. Exact when no record was skipped (see the module docstring)."""
+    if not states or any("layout" not in s for s in states):
+      raise LcmJaxError("the checkpoint's data position was written by another number of processes "
+                        "without a record of its layout; resume with that number of processes")
+    saved = states[0]["layout"]
+    if not saved["shared"] or not self.layout.shared:
+      raise LcmJaxError(f"the checkpoint's data position was written by {saved['process_count']} process(es), "
+                        f"this run has {self.layout.process_count}: with tar shards each process reads its "
+                        "own whole shards, so resume with the same number of processes")
+    positions = {int(s["start_batch"]) + int(s["batches"]) for s in states}
+    if len(positions) != 1:
+      raise LcmJaxError(f"the checkpoint's processes saved different data positions {sorted(positions)}")
+    skipped = sum(int(s["iterator"]["num_skipped"]) for s in states)
+    self._restart(positions.pop())
+    fresh = self.iterator.get_state()
+    self.iterator.set_state({**fresh, "num_skipped": skipped if self.layout.process_index == 0 else 0})
+    if skipped:
+      logging.warning("resuming the data at global batch %d with %d processes (was %d): %d records were "
+                      "skipped before, so the batches from here differ slightly from an uninterrupted run",
+                      self.start_batch, self.layout.process_count, saved["process_count"], skipped)
+
+  def _restart(self, start_batch: int) -> None:
+    self.iterator.close()
+    self.iterator = self.build(start_batch)
+    self.start_batch, self.batches = start_batch, 0
 
   def close(self) -> None:
     """Stops worker processes and read threads."""
     self.iterator.close()
 
 
-def _seeds(seed: int, process_index: int) -> tuple[int, int]:
-  """(shuffle seed, augmentation seed): 32-bit, independent, different per process."""
-  shuffle_seed, augment_seed = np.random.SeedSequence([seed % 2**63, process_index]).generate_state(2)
+def _seeds(seed: int, stream: int) -> tuple[int, int]:
+  """(shuffle seed, augmentation seed): 32-bit, independent, one pair per stream (0 for a
+  stream all processes share, the process index for tar shards)."""
+  shuffle_seed, augment_seed = np.random.SeedSequence([seed % 2**63, stream]).generate_state(2)
   return int(shuffle_seed), int(augment_seed)
+
+
+def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+  """(process index, process count), jax's unless given."""
+  if process_index is None or process_count is None:
+    import jax
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise LcmJaxError(f"process_index {process_index} is not in [0, {process_count})")
+  return process_index, process_count
 
 
 def make_train_data(data_config: Mapping | None, *, resolution: int, global_batch_size: int, seed: int,
@@ -263,7 +391,8 @@ def make_train_data(data_config: Mapping | None, *, resolution: int, global_batc
     resolution: R, the side of the square training images (for `latents`, checked against
       the resolution the cache was written at).
     global_batch_size: batch size over all processes; must be divisible by process_count.
-    seed: the data seed: same seed, same batches (for the same process count and num_workers).
+    seed: the data seed: same seed, same global batches (for any process count, except
+      with tar shards; see the module docstring).
     tokenizer: the pipeline's CLIP tokenizer (required for image formats).
     process_index, process_count: this process and how many share the data; default
       `jax.process_index()`, `jax.process_count()`.
@@ -273,19 +402,24 @@ def make_train_data(data_config: Mapping | None, *, resolution: int, global_batc
       divisible by the process count, tfds without the extra installed.
   """
   config = resolve_data_config(data_config)
-  if process_index is None or process_count is None:
-    import jax
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
-  if not 0 <= process_index < process_count:
-    raise LcmJaxError(f"process_index {process_index} is not in [0, {process_count})")
+  process_index, process_count = _process(process_index, process_count)
   if global_batch_size <= 0 or global_batch_size % process_count:
     raise LcmJaxError(f"global batch size {global_batch_size} is not a positive multiple of the "
                       f"process count {process_count}")
-  local_batch_size = global_batch_size // process_count
-  shuffle_seed, augment_seed = _seeds(seed, process_index)
+  shared = shared_stream(config.format)
+  shuffle_seed, augment_seed = _seeds(seed, 0 if shared else process_index)
+  examples, metadata = _examples(config, resolution, tokenizer, augment_seed, process_index, process_count)
+  layout = BatchLayout(process_index, process_count, global_batch_size // process_count, shared)
+  num_records = len(examples)
+  stream = (examples.shuffle(seed=shuffle_seed) if config.shuffle else examples).repeat(None)
+  build = lambda start_batch: _batch_iterator(stream, config, layout, num_records, start_batch)
+  return TrainData(iterator=build(0), local_batch_size=layout.local_batch_size, num_records=num_records,
+                   format=config.format, layout=layout, build=build, latents_metadata=metadata)
 
-  metadata = None
+
+def _examples(config: ml_collections.ConfigDict, resolution: int, tokenizer, augment_seed: int,
+              process_index: int, process_count: int) -> tuple[grain.MapDataset, dict | None]:
+  """(the examples of one epoch, by random access; for `latents` the cache's metadata)."""
   if config.format == "latents":
     if not config.center_crop or config.random_flip:
       raise LcmJaxError("the latents format holds centre-cropped, unflipped images: set "
@@ -297,26 +431,25 @@ def make_train_data(data_config: Mapping | None, *, resolution: int, global_batc
     if metadata["resolution"] != resolution:
       raise LcmJaxError(f"latent cache {config.path} was written at resolution {metadata['resolution']}, "
                         f"training asks for {resolution}")
-    source = latents_lib.LatentCacheSource(folder, metadata["shards"])
-    ds = _records(source, True, process_index, process_count, f"latent cache {config.path}")
-    ds = ds.map(latents_lib.LatentsExample(latents_lib.layout_from_metadata(metadata)))
-  else:
-    if tokenizer is None:
-      raise LcmJaxError(f"the {config.format} format needs the pipeline's tokenizer to tokenize captions")
-    source, split_by_record = image_source(config, process_index=process_index, process_count=process_count)
-    ds = _records(source, split_by_record, process_index, process_count, f"data path {config.path or config.tfds_name}")
-    transform = preprocess.ImageExample(resolution, tokenizer=tokenizer, center_crop=config.center_crop,
-                                        random_flip=config.random_flip)
-    ds = ds.random_map(transform, seed=augment_seed)
-  num_records = len(ds)
-  if config.shuffle:
-    ds = ds.shuffle(seed=shuffle_seed)
-  ds = ds.repeat(None)
-  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
-                                               prefetch_buffer_size=config.prefetch_buffer_size))
+    ds = _records(latents_lib.LatentCacheSource(folder, metadata["shards"]), f"latent cache {config.path}")
+    return ds.map(latents_lib.LatentsExample(latents_lib.layout_from_metadata(metadata))), metadata
+  if tokenizer is None:
+    raise LcmJaxError(f"the {config.format} format needs the pipeline's tokenizer to tokenize captions")
+  source, _ = image_source(config, process_index=process_index, process_count=process_count)
+  ds = _records(source, f"data path {config.path or config.tfds_name}")
+  transform = preprocess.ImageExample(resolution, tokenizer=tokenizer, center_crop=config.center_crop,
+                                      random_flip=config.random_flip)
+  return ds.random_map(transform, seed=augment_seed), None
+
+
+def _batch_iterator(stream: grain.MapDataset, config: ml_collections.ConfigDict, layout: BatchLayout,
+                    num_records: int, start_batch: int) -> grain.DatasetIterator:
+  """This process's batches of `stream` from global batch `start_batch` on."""
+  it_ds = _GlobalBatchSlice(stream, layout, start_batch).to_iter_dataset(
+      grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=config.prefetch_buffer_size))
   max_skips = min(_MAX_CONSECUTIVE_SKIPS, 2 * num_records * max(1, config.num_workers))
   it_ds = _DropSkipped(it_ds, max_skips)
-  it_ds = it_ds.batch(local_batch_size, drop_remainder=True)
+  it_ds = it_ds.batch(layout.local_batch_size, drop_remainder=True)
   if config.num_workers > 0:
     from absl import flags
     if not flags.FLAGS.is_parsed():  # grain reads its absl flags here; outside an absl app (a notebook)
@@ -324,9 +457,7 @@ def make_train_data(data_config: Mapping | None, *, resolution: int, global_batc
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=config.num_workers, per_worker_buffer_size=config.worker_buffer_size))
   # Pixels become float here, after the workers: uint8 batches cross processes 4x faster.
-  iterator = iter(_CountSkipped(it_ds.map(_pixels_to_float)))
-  return TrainData(iterator=iterator, local_batch_size=local_batch_size, num_records=num_records,
-                   format=config.format, latents_metadata=metadata)
+  return iter(_CountSkipped(it_ds.map(_pixels_to_float)))
 
 
 def iterate_examples_once(config: ml_collections.ConfigDict, *, resolution: int, tokenizer,
@@ -336,7 +467,7 @@ def iterate_examples_once(config: ml_collections.ConfigDict, *, resolution: int,
   "input_ids", "caption", or skip markers). `source`: `image_source(config)` if already open."""
   if source is None:
     source, _ = image_source(config)
-  ds = _records(source, False, 0, 1, f"data path {config.path or config.tfds_name}")
+  ds = _records(source, f"data path {config.path or config.tfds_name}")
   ds = ds.map(preprocess.ImageExample(resolution, tokenizer=tokenizer, center_crop=True, random_flip=False,
                                       keep_caption=True, random_caption=False))
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
