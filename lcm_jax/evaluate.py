@@ -12,8 +12,9 @@ initial noise for every sampler, at guidance scale 9 (the paper's w = 8). Images
 whose settings changed is generated again. Metrics (--metrics): `fid` (pytorch-fid's Inception,
 --fid_mode, against --reference: a statistics .npz or a folder of images), `clip` (CLIP score
 with --clip), `toy` (the toy domain's FID and text alignment: `lcm_jax.toy.metrics:toy_metrics`,
-for toy captions) or any plugin `package.module:object` (see lcm_jax/eval/metric.py). Writes <output>/table.md, table.json, plot.png and
-samples.png, rewritten after every cell. The protocol with real weights: docs/evaluation.md.
+for toy captions) or any plugin `package.module:object` (see lcm_jax/eval/metric.py). Writes
+<output>/table.md, table.json, plot.png and samples.png, rewritten after every cell. The
+protocol with real weights: docs/evaluation.md.
 """
 
 from __future__ import annotations
