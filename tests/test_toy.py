@@ -209,14 +209,52 @@ def test_alignment_of_real_images_and_of_noise(metrics):
 
 
 def test_markdown_table_has_the_papers_layout():
-  from lcm_jax.toy.evaluate import markdown_table
+  from lcm_jax.eval.report import markdown_table
+  from lcm_jax.toy.metrics import toy_columns
   results = {s: {str(k): {"fid": 10.0 / k, "alignment": 0.1 * k} for k in (1, 2, 4, 8)}
              for s in ("ddim", "dpm_solver", "dpm_solver_pp", "lcm")}
-  table = markdown_table(results, list(results), [1, 2, 4, 8], {"real images": {"fid": 0.5, "alignment": 1.0}})
+  table = markdown_table(results, list(results), [1, 2, 4, 8], toy_columns(),
+                         {"real images": {"fid": 0.5, "alignment": 1.0}})
   lines = table.splitlines()
   assert [line.split("|")[1].strip() for line in lines[2:6]] == ["DDIM", "DPM-Solver", "DPM-Solver++", "LCM"]
   assert "FID ↓ 1-step" in lines[0] and "Align ↑ 8-step" in lines[0]
   assert "| 1.25 |" in lines[2] and "80.0%" in lines[2]
+
+
+def test_the_toy_metric_plugin_scores_chunks_as_the_attribute_network_scores_the_set(metrics):
+  """`python -m lcm_jax.evaluate --metrics toy` (lcm_jax.toy.metrics:toy_metrics): fed in chunks
+  through the engine's metric protocol, toy_fid equals the FID computed here with NumPy and
+  scipy's sqrtm against the real draw of seed 777, and toy_alignment the attribute network's
+  alignment of the whole set; prompts that are not toy captions are one clear error."""
+  import warnings
+
+  import scipy.linalg
+
+  from lcm_jax.errors import LcmJaxError
+  from lcm_jax.eval.metric import MetricContext, metrics_from_plugin
+  from lcm_jax.evaluate import METRIC_ALIASES
+  attrs = domain.prompt_set(240, 3)
+  prompts = tuple(a.caption for a in attrs)
+  made = metrics_from_plugin(METRIC_ALIASES["toy"], MetricContext(prompts, 1, None, "out"))
+  assert [m.name for m in made] == ["toy_fid", "toy_alignment"]
+  images = domain.draw_all(attrs, 5)
+  images[::3] = np.random.default_rng(0).integers(0, 256, images[::3].shape, dtype=np.uint8)  # a third unaligned
+  values = {}
+  for m in made:
+    accumulator = m.start()
+    for i in range(0, len(images), 100):
+      accumulator.update(images[i:i + 100], prompts[i:i + 100])
+    values.update(accumulator.result())
+  a, b = metrics.features(images), metrics.features(domain.draw_all(attrs, 777))
+  ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+  with warnings.catch_warnings():  # dead ReLU features make the covariances singular; sqrtm still agrees
+    warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+    expected = np.sum((a.mean(0) - b.mean(0)) ** 2) + np.trace(ca + cb - 2 * np.real(scipy.linalg.sqrtm(ca @ cb)))
+  assert values["toy_fid"] == pytest.approx(expected, rel=1e-6) and expected > 1
+  assert values["toy_alignment"] == pytest.approx(metrics.alignment(images, attrs)["alignment"], abs=1e-12)
+  assert 0.4 < values["toy_alignment"] < 0.7  # the real two thirds read back, the noise does not
+  with pytest.raises(LcmJaxError, match="toy captions only"):
+    metrics_from_plugin("lcm_jax.toy.metrics:toy_metrics", MetricContext(("a photo of a cat",), 1, None, "out"))
 
 
 # ---------------------------------------------------------------------------------------
