@@ -269,7 +269,7 @@ def demo_run(tmp_path_factory):
   result = subprocess.run(
       [sys.executable, "-m", "lcm_jax.toy.demo", f"--teacher={TEACHER}", f"--workdir={workdir}", f"--data={data}",
        "--num_images=64", "--train_flag=--config.num_train_steps=2", "--train_flag=--config.batch_size=4",
-       "--train_flag=--config.log_every=1"], capture_output=True, text=True, cwd=REPO, timeout=600)
+       "--train_flag=--config.log_every=1"], capture_output=True, text=True, cwd=REPO, timeout=1500)
   assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
   return {"root": root, "workdir": workdir, "data": data, "stdout": result.stdout}
 
@@ -318,7 +318,7 @@ def test_lcf_on_the_shifted_colours_and_its_evaluation(demo_run):
   result = subprocess.run(
       [sys.executable, "-m", "lcm_jax.train", "--config=configs/toy.py:lcf", f"--workdir={lcf}",
        f"--config.init_from={demo_run['workdir']}", f"--config.data.path={shifted}", "--config.num_train_steps=2",
-       "--config.batch_size=4"], capture_output=True, text=True, cwd=REPO, timeout=600)
+       "--config.batch_size=4"], capture_output=True, text=True, cwd=REPO, timeout=1500)
   assert result.returncode == 0, result.stderr[-3000:]
   assert (lcf / "checkpoints" / "2").is_dir()
 
@@ -326,7 +326,7 @@ def test_lcf_on_the_shifted_colours_and_its_evaluation(demo_run):
   result = subprocess.run(
       [sys.executable, "-m", "lcm_jax.toy.evaluate", f"--teacher={TEACHER}", f"--lcm={lcf}", f"--output={out}",
        "--num_samples=8", "--batch_size=8", "--steps=1", "--samplers=lcm", "--domain=shifted", "--lcm_step=2",
-       f"--metric={METRIC}", "--grid_prompts=4"], capture_output=True, text=True, cwd=REPO, timeout=600)
+       f"--metric={METRIC}", "--grid_prompts=4"], capture_output=True, text=True, cwd=REPO, timeout=1500)
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads((out / "table.json").read_text())
   attrs = domain.prompt_set(8, 1234, colours=domain.SHIFTED_COLOURS)
