@@ -241,17 +241,75 @@ def test_truncated_shard_keeps_the_readable_samples(tmp_path):
   assert "truncated" in source[3]["error"]
 
 
+def _set_header_field(raw: bytearray, header: int, start: int, value: bytes) -> None:
+  """Writes a field of the tar header at byte `header` and fixes the header's checksum."""
+  raw[header + start:header + start + len(value)] = value
+  block = raw[header:header + 512]
+  block[148:156] = b" " * 8
+  raw[header + 148:header + 156] = b"%06o\0 " % sum(block)
+
+
+@pytest.mark.parametrize("hostile", ["image size", "long name"])
+def test_hostile_tar_headers_are_bounded_by_the_file(tmp_path, monkeypatch, hostile):
+  """A header whose size field says 2^62 (the image member's, or a GNU long-name header's,
+  which tarfile would read whole) costs neither memory nor a crash: the sample is skipped
+  with a reason, the samples before it are read."""
+  buffer = io.BytesIO()
+  with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+    for j in range(3):
+      add_member(tar, f"{j:04d}.txt", b"photo")
+      add_member(tar, f"{j:04d}.png", make_image(3 * j)[0])
+  raw = bytearray(buffer.getvalue())
+  headers, offset = [], 0
+  while offset < len(raw) and any(raw[offset:offset + 512]):
+    headers.append(offset)
+    size = int(raw[offset + 124:offset + 135].decode().strip("\0 ") or "0", 8)
+    offset += 512 + (size + 511) // 512 * 512
+  assert len(headers) == 6
+  _set_header_field(raw, headers[5], 124, bytes([0x80]) + (2**62).to_bytes(11, "big"))  # base-256 size
+  if hostile == "long name":
+    _set_header_field(raw, headers[5], 156, b"L")  # GNU long name: the next 2^62 bytes are a name
+  path = tmp_path / "hostile.tar"
+  path.write_bytes(bytes(raw))
+  fs, _ = sources.filesystem(str(path))
+  source = sources.TarShardSource(fs, [str(path)], image_extensions=("png",))
+  assert len(source) == 3
+  assert [source[j]["error"] for j in range(2)] == [None, None]
+  assert source[0]["image"] == make_image(0)[0] and source[1]["caption"] == "photo"
+  last = source[2]
+  assert last["source"] == str(path) and last["index"] == 2
+  if hostile == "image size":
+    assert "image member is truncated" in last["error"] and str(2**62) in last["error"], last["error"]
+  else:  # the long-name header ends the readable headers: sample 2 has its caption only
+    assert last["error"] == "no image member (png)"
+  # A member within the file but over the size limit is not read either.
+  sizes = [len(make_image(3 * j)[0]) for j in range(2)]
+  monkeypatch.setattr(sources, "MAX_IMAGE_BYTES", min(sizes))
+  source = sources.TarShardSource(fs, [str(path)], image_extensions=("png",))
+  for j in range(2):
+    if sizes[j] > min(sizes):
+      assert source[j]["error"] == f"the image member has {sizes[j]} bytes, over the limit of {min(sizes)} bytes"
+    else:
+      assert source[j]["error"] is None
+
+
 # ----------------------------------------------------------------------------- wds batches
 
 
-def test_wds_centre_crop_pixels_tokens_and_skips(wds, tokenizer, caplog):
+WDS_REASONS = {"corrupt": "cannot decode image", "truncated": "cannot decode image",
+               "no caption": "no caption member", "no image": "no image member"}
+
+
+def test_wds_centre_crop_pixels_tokens_and_skips(wds, tokenizer):
   folder, good = wds
   lookup = key_lookup(tokenizer, good)
-  caplog.set_level("WARNING")
   td = data(folder, tokenizer, shuffle=False)
   try:
     assert td.num_records == WDS_SHARDS * WDS_PER_SHARD and td.local_batch_size == 4
-    first_epoch = take(td, 7)  # 28 good samples, in order
+    first_epoch, named = [], []
+    for _ in range(7):  # 28 good samples, in order
+      first_epoch.append(next(td))
+      named.append(td.take_skipped())
     for b in first_epoch:
       assert b["pixels"].shape == (4, R, R, 3) and b["pixels"].dtype == np.float32
       assert b["input_ids"].shape == (4, tokenizer.model_max_length) and b["input_ids"].dtype == np.int32
@@ -267,12 +325,23 @@ def test_wds_centre_crop_pixels_tokens_and_skips(wds, tokenizer, caplog):
     # The four bad samples (positions 2, 13, 17 and 28 of 32) are counted as they are
     # passed, once per epoch.
     assert [int(b["num_skipped"]) for b in first_epoch] == [1, 1, 1, 3, 3, 3, 4]
+    # Each batch names the records skipped before its examples, not those read ahead: bad
+    # sample (s, j) sits at stream position 8s + j, so it is skipped by the batch that holds
+    # the first good sample after it (4 good samples per batch).
+    expected = [[] for _ in range(7)]
+    for (s, j), kind in sorted(WDS_BAD.items()):
+      position = s * WDS_PER_SHARD + j
+      good_before = position - sum(1 for (t, k) in WDS_BAD if t * WDS_PER_SHARD + k < position)
+      expected[good_before // 4].append((os.path.join(folder, f"{s:05d}.tar"), j, f"{s:05d}{j:04d}", kind))
+    assert [len(n) for n in named] == [len(e) for e in expected]
+    for batch_named, batch_expected in zip(named, expected):
+      for record, (source, index, key, kind) in zip(batch_named, batch_expected):
+        assert record["source"] == source and record["index"] == index, record
+        assert record["id"] == f"{source}:{key}" and record["reason"].startswith(WDS_REASONS[kind]), record
     assert int(take(td, 7)[-1]["num_skipped"]) == 8
+    assert len(td.take_skipped()) == 4  # the second epoch's, once
   finally:
     td.close()
-  logged = caplog.text
-  for reason in ("cannot decode image", "no caption member", "no image member"):
-    assert reason in logged
 
 
 def test_random_crop_and_flip(wds, tokenizer):

@@ -4,6 +4,7 @@ config is one line naming what differs, and a workdir in the way of a file is re
 from __future__ import annotations
 
 import glob
+import json
 import os
 import shutil
 
@@ -101,3 +102,77 @@ def test_a_workdir_that_is_a_file_is_refused(trained):
     with pytest.raises(LcmJaxError, match=message):
       training.train(trained["config"](), str(workdir))
   assert path.read_text() == "not a folder"
+
+
+def _scalars(workdir: str, tag: str) -> dict[int, float]:
+  """{step: value} of one TensorBoard scalar in the workdir's event files."""
+  import struct
+
+  from tensorboardX.proto import event_pb2
+  values = {}
+  for path in glob.glob(os.path.join(workdir, "events.out.tfevents.*")):
+    data, offset = open(path, "rb").read(), 0
+    while offset < len(data):
+      (length,) = struct.unpack("<Q", data[offset:offset + 8])
+      event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+      values.update({event.step: v.simple_value for v in event.summary.value if v.tag == tag})
+      offset += 12 + length + 4
+  return values
+
+
+def _expected_skips(records: list[tuple[str, str | None]], batch: int, steps: int) -> list[dict]:
+  """The skip log of `steps` steps over an unshuffled stream of `records` ((name, reason or
+  None if usable), repeating): a bad record is consumed by the batch of the first usable
+  record after it."""
+  expected, pending, used, position = [], [], 0, 0
+  while used < batch * steps:
+    name, reason = records[position % len(records)]
+    if reason is None:
+      used += 1
+      expected += [dict(p, step=(used - 1) // batch + 1) for p in pending]
+      pending = []
+    else:
+      pending.append({"index": position % len(records), "name": name, "reason": reason})
+    position += 1
+  return expected
+
+
+def test_skipped_records_are_counted_and_named_as_training_consumes_them(tiny_pipeline, tmp_path, capsys):
+  """An image folder with a corrupt image and an image without caption: the skip log names
+  each record (source, index, id, reason) at the step whose batch consumed it, TensorBoard
+  counts the same records, the console names them; resumed from step 2 after the log was
+  written to step 4, the log is the same, with no record twice."""
+  from PIL import Image
+  folder = write_image_folder(str(tmp_path / "images"))
+  with open(os.path.join(folder, "2b.png"), "wb") as f:
+    f.write(b"\x89PNG\r\n\x1a\n not an image")
+  with open(os.path.join(folder, "metadata.jsonl"), "a") as f:
+    f.write('{"file_name": "2b.png", "text": "a red dog"}\n')
+  Image.new("RGB", (20, 20)).save(os.path.join(folder, "4b.png"))  # no metadata line
+  names = sorted(n for n in os.listdir(folder) if n.endswith(".png"))
+  reasons = {"2b.png": "cannot decode image", "4b.png": "image has no line in the metadata"}
+  expected = _expected_skips([(n, reasons.get(n)) for n in names], batch=2, steps=4)
+  assert [e["step"] for e in expected] == [2, 3]  # the derivation, on this layout
+  config = lambda **kw: load_tiny_config(**{"teacher": tiny_pipeline("sd1"), "data.path": folder,
+                                            "data.shuffle": False, "compilation_cache_dir": str(tmp_path / "cache"),
+                                            **kw})
+  workdir = str(tmp_path / "run")
+  training.train(config(num_train_steps=4), workdir)
+  out = capsys.readouterr().out
+  log_path = os.path.join(workdir, "skipped_records.jsonl")
+  lines = [json.loads(line) for line in open(log_path)]
+  assert len(lines) == len(expected)
+  for number, (line, want) in enumerate(zip(lines, expected), 1):
+    assert line["number"] == number and line["step"] == want["step"], line
+    assert line["source"] == folder and line["index"] == want["index"], line
+    assert line["id"] == os.path.join(folder, want["name"]) and line["reason"].startswith(want["reason"]), line
+    assert f"data: skipped record {number} (step {want['step']}): {line['id']}" in out, out
+  counts = _scalars(workdir, "data/skipped_records")
+  assert counts == {s: sum(e["step"] <= s for e in expected) for s in range(1, 5)}
+  # A run stopped after writing the log to step 4 but with its last checkpoint at step 2.
+  resumed = str(tmp_path / "resumed")
+  shutil.copytree(workdir, resumed)
+  shutil.rmtree(os.path.join(resumed, "checkpoints", "4"))
+  training.train(config(num_train_steps=4), resumed)
+  assert open(os.path.join(resumed, "skipped_records.jsonl")).read() == open(log_path).read()
+  jax.config.update("jax_compilation_cache_dir", None)

@@ -18,12 +18,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 
 from lcm_jax.data import latents as latents_lib
 from lcm_jax.data import loader as data_loader
 from lcm_jax.data import preprocess
 from lcm_jax.errors import LcmJaxError
 from lcm_jax.models.vae import AutoencoderKL
+
+_NAME_FIRST_SKIPS = 10  # skipped records named in the log; the rest are counted
 
 
 def make_encoder(vae, text_encoder) -> Callable:
@@ -68,7 +71,15 @@ class _ShardWriter:
 
 
 def existing_cache_files(output: str, overwrite: bool) -> list[str]:
-  """The files of a cache already in `output`: an error unless `overwrite`."""
+  """The files of a cache already in `output`: an error unless `overwrite`; an error too if
+  `output` is a file or lies under one."""
+  if os.path.exists(output) and not os.path.isdir(output):
+    raise LcmJaxError(f"--output {output} is a file, not a folder")
+  parent = os.path.dirname(os.path.abspath(output))
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise LcmJaxError(f"--output {output} cannot be created: {parent} is a file")
   old = glob.glob(os.path.join(output, "latents-*.array_record"))
   old += [p for p in [os.path.join(output, latents_lib.METADATA_FILE)] if os.path.exists(p)]
   if old and not overwrite:
@@ -184,6 +195,10 @@ def _encode_all(pipe, encode, layout, writer: _ShardWriter, examples, total: int
       if preprocess.is_skip(example):
         skipped += 1
         bar.set_postfix(skipped=skipped)
+        if skipped <= _NAME_FIRST_SKIPS:  # records are read in order here: no read-ahead to count
+          info = preprocess.skip_info(example)
+          logging.warning("data: skipped record %d: %s [%s #%s]: %s", skipped, info["id"], info["source"],
+                          info["index"], info["reason"])
         continue
       pending.append(example)
       if len(pending) == batch_size:

@@ -108,7 +108,8 @@ def read_metadata(folder: str) -> dict:
 
 
 class LatentCacheSource:
-  """The records of a cache's shards, by random access: {"id", "data": bytes, "error"}."""
+  """The records of a cache's shards, by random access: {"id", "source", "index", "data": bytes,
+  "error"}."""
 
   def __init__(self, folder: str, shards: list[str]):
     import grain
@@ -119,11 +120,11 @@ class LatentCacheSource:
     return len(self._source)
 
   def __getitem__(self, index: int) -> dict:
-    record_id = f"{self.folder}[{index}]"
+    where = {"id": f"{self.folder}[{index}]", "source": self.folder, "index": int(index)}
     try:
-      return {"id": record_id, "data": self._source[index], "error": None}
+      return {**where, "data": self._source[index], "error": None}
     except Exception as e:  # ArrayRecord raises RuntimeError/OSError etc. for damaged chunks
-      return {"id": record_id, "data": None, "error": f"cannot read: {type(e).__name__}: {e}"}
+      return {**where, "data": None, "error": f"cannot read: {type(e).__name__}: {e}"}
 
 
 class LatentsExample:
@@ -136,9 +137,9 @@ class LatentsExample:
   def __call__(self, record: dict) -> dict:
     from lcm_jax.data.preprocess import skip_marker
     if record["error"]:
-      return skip_marker(record["id"], record["error"])
+      return skip_marker(record, record["error"])
     try:
       arrays, _ = self.layout.decode(record["data"])
     except ValueError as e:
-      return skip_marker(record["id"], f"damaged latent record: {e}")
+      return skip_marker(record, f"damaged latent record: {e}")
     return arrays

@@ -9,6 +9,11 @@ The pipeline of one process (`make_train_data`):
   -> drop skip markers (counting them) -> batch -> [worker processes: everything above]
   -> float pixels -> running count of skipped records, in every batch as "num_skipped"
 
+Skipped records are counted where training consumes them, not where they are read: a batch's
+"num_skipped" counts the records skipped up to its last example, and `TrainData.take_skipped`
+names them (source, index, id, reason), so the training loop's log and TensorBoard count the
+same records (read-ahead threads and workers may have read further).
+
 Global batches: with records read by random access (image folders, TFDS, latent caches)
 every process builds the same stream, and global batch s is its positions [s*B, (s+1)*B);
 process p of P trains on the contiguous slice [s*B + p*b, s*B + (p+1)*b), b = B / P. So the
@@ -28,6 +33,7 @@ process count resumes at the same global batch (`TrainData.resume_from_processes
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -196,7 +202,8 @@ class _GlobalBatchSlice(grain.MapDataset):
 
 class _DropSkipped(grain.IterDataset):
   """Drops skip markers; each example kept gets "skipped_before": how many were dropped just
-  before it, so that the count survives batching and worker processes."""
+  before it, and "skipped_log": them, as a JSON list of `preprocess.skip_info` (a string
+  array, so that it survives batching and worker processes)."""
 
   def __init__(self, parent: grain.IterDataset, max_consecutive: int):
     super().__init__(parent)
@@ -213,14 +220,15 @@ class _DropSkippedIterator(grain.DatasetIterator):
     self._max_consecutive = max_consecutive
 
   def __next__(self) -> dict:
-    skipped = 0
+    skipped = []
     while True:
       element = next(self._parent)
       if not preprocess.is_skip(element):
-        return {**element, "skipped_before": np.int64(skipped)}
-      skipped += 1
-      if skipped >= self._max_consecutive:
-        raise LcmJaxError(f"the last {skipped} records read were all unusable (the last: {element['id']}: "
+        return {**element, "skipped_before": np.int64(len(skipped)),
+                "skipped_log": np.asarray(json.dumps(skipped) if skipped else "")}
+      skipped.append(preprocess.skip_info(element))
+      if len(skipped) >= self._max_consecutive:
+        raise LcmJaxError(f"the last {len(skipped)} records read were all unusable (the last: {element['id']}: "
                           f"{element[preprocess.SKIP_KEY]}); is the data readable?")
 
   # The state between two examples has no pending skips, so the parent's state is the state.
@@ -233,7 +241,9 @@ class _DropSkippedIterator(grain.DatasetIterator):
 
 class _CountSkipped(grain.IterDataset):
   """Replaces each batch's per-example "skipped_before" [b] by "num_skipped", the running
-  total of skipped records on this process (int64 scalar), kept in the iterator state."""
+  total of skipped records on this process (int64 scalar), kept in the iterator state; the
+  records themselves wait in `take_skipped` (not part of the state: the loop takes them
+  with each batch)."""
 
   def __iter__(self):
     return _CountSkippedIterator(self._parent.__iter__())
@@ -244,12 +254,20 @@ class _CountSkippedIterator(grain.DatasetIterator):
   def __init__(self, parent: grain.DatasetIterator):
     super().__init__(parent)
     self._num_skipped = 0
+    self._pending: list[dict] = []
 
   def __next__(self) -> dict:
     batch = dict(next(self._parent))
     self._num_skipped += int(np.sum(batch.pop("skipped_before")))
+    for text in np.asarray(batch.pop("skipped_log")).reshape(-1).tolist():
+      self._pending.extend(json.loads(text) if text else [])
     batch["num_skipped"] = np.int64(self._num_skipped)
     return batch
+
+  def take_skipped(self) -> list[dict]:
+    """The records skipped by the batches returned since the last call, in stream order."""
+    taken, self._pending = self._pending, []
+    return taken
 
   def get_state(self) -> dict[str, Any]:
     return {"pipeline": self._parent.get_state(), "num_skipped": self._num_skipped}
@@ -308,6 +326,12 @@ class TrainData:
     batch = next(self.iterator)
     self.batches += 1
     return batch
+
+  def take_skipped(self) -> list[dict]:
+    """The records skipped by the batches returned since the last call (the records they
+    consumed, not those read ahead), in order: dicts with "source", "index" (the record's
+    index in its source; None for a whole unreadable tar shard), "id" and "reason"."""
+    return self.iterator.take_skipped()
 
   def get_state(self) -> dict[str, Any]:
     """The position, JSON-able: the grain iterator's state, the global batch it started at,

@@ -5,9 +5,10 @@ resize the shorter side to R with PIL's *bilinear* filter (the longer side becom
 int(R * long / short)), then crop R x R, centred (torchvision's `CenterCrop` rounding) or at a
 uniformly random position; then an optional horizontal flip with probability 1/2.
 
-A record that cannot be used becomes a *skip marker* `{SKIP_KEY: reason, "id": ...}` instead of
-an example; `pipeline` drops and counts the markers. Each skip is also logged (the first
-`_LOG_FIRST` in a process, then every `_LOG_EVERY`-th).
+A record that cannot be used becomes a *skip marker* `{SKIP_KEY: reason, "id", "source",
+"index"}` instead of an example; the loader drops the markers and hands them, with the batch
+that consumed them, to the training loop, which counts and names them (`lcm_jax.data.loader`).
+Nothing is logged here: records read ahead of training are not yet skipped by training.
 """
 
 from __future__ import annotations
@@ -15,24 +16,25 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from absl import logging
 from PIL import Image
 
 from lcm_jax.tokenizer import tokenize
 
 SKIP_KEY = "skipped"
-_LOG_FIRST, _LOG_EVERY = 20, 1000
-_skips_logged = 0  # per process (each grain worker counts its own)
 
 
-def skip_marker(record_id: str, reason: str) -> dict:
-  """The element that stands for a record that was skipped; logs why."""
-  global _skips_logged
-  _skips_logged += 1
-  if _skips_logged <= _LOG_FIRST or _skips_logged % _LOG_EVERY == 0:
-    logging.warning("data: skipping record %s: %s (%d skipped by this reader so far)",
-                    record_id, reason, _skips_logged)
-  return {SKIP_KEY: reason, "id": record_id}
+def skip_marker(record: dict, reason: str) -> dict:
+  """The element that stands for an unusable raw `record` (see `lcm_jax.data.sources`):
+  why, and where the record lives (its id, its source file or data set, its index there)."""
+  return {SKIP_KEY: reason, "id": record["id"], "source": record.get("source", record["id"]),
+          "index": record.get("index")}
+
+
+def skip_info(marker: dict) -> dict:
+  """A skip marker as a JSON-able line of the skip log: source, index, id, reason."""
+  index = marker.get("index")
+  return {"source": str(marker["source"]), "index": None if index is None else int(index),
+          "id": str(marker["id"]), "reason": str(marker[SKIP_KEY])}
 
 
 def is_skip(element: dict) -> bool:
@@ -118,20 +120,20 @@ class ImageExample:
 
   def __call__(self, record: dict, rng: np.random.Generator | None = None) -> dict:
     if record["error"]:
-      return skip_marker(record["id"], record["error"])
+      return skip_marker(record, record["error"])
     caption = pick_caption(record["caption"], rng if self.random_caption else None)
     if caption is None:
-      return skip_marker(record["id"], "no caption")
+      return skip_marker(record, "no caption")
     try:
       image = decode_image(record["image"])
     except Exception as e:  # PIL raises many types for damaged files (OSError, SyntaxError, ...)
       message = str(e).split(" <_io.")[0]  # PIL names the in-memory file object; say nothing of it
-      return skip_marker(record["id"], f"cannot decode image: {type(e).__name__}: {message}")
+      return skip_marker(record, f"cannot decode image: {type(e).__name__}: {message}")
     try:
       pixels = preprocess_image(image, self.resolution, rng=rng, center_crop=self.center_crop,
                                 random_flip=self.random_flip)
     except (OSError, ValueError) as e:  # e.g. a truncated tile found only while converting
-      return skip_marker(record["id"], f"cannot decode image: {type(e).__name__}: {e}")
+      return skip_marker(record, f"cannot decode image: {type(e).__name__}: {e}")
     example = {"pixels": pixels}
     if self.tokenizer is not None:
       example["input_ids"] = tokenize(self.tokenizer, [caption])[0]

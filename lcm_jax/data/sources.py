@@ -4,6 +4,7 @@ Every source is a grain `RandomAccessDataSource` (`__len__`, `__getitem__`) whos
 plain dicts, the same for every format:
 
   {"id": str,                      # where the record lives, for messages
+   "source": str, "index": int | None,   # the file or data set it is in, and its index there
    "image": bytes | np.ndarray | None,   # encoded file bytes, or decoded [H, W, C] uint8 (TFDS)
    "caption": str | list[str] | None,
    "error": str | None}            # why the record cannot be used (read failure, missing part)
@@ -18,6 +19,7 @@ from __future__ import annotations
 import bisect
 import concurrent.futures
 import dataclasses
+import functools
 import json
 import os
 import posixpath
@@ -33,11 +35,17 @@ from lcm_jax.errors import LcmJaxError
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 # Shards indexed at once: remote reads are latency-bound, so threads overlap them.
 _INDEX_THREADS = 16
+# The largest tar members read: a header's size field is not trusted beyond these (nor
+# beyond the end of the shard).
+MAX_IMAGE_BYTES = 256 << 20
+MAX_CAPTION_BYTES = 1 << 20
 
 
-def raw_record(record_id: str, *, image=None, caption=None, error: str | None = None) -> dict:
-  """The record dict every source returns (see the module docstring)."""
-  return {"id": record_id, "image": image, "caption": caption, "error": error}
+def raw_record(record_id: str, *, source: str | None = None, index: int | None = None, image=None, caption=None,
+               error: str | None = None) -> dict:
+  """The record dict every source returns (see the module docstring); `source` defaults to the id."""
+  return {"id": record_id, "source": record_id if source is None else source,
+          "index": None if index is None else int(index), "image": image, "caption": caption, "error": error}
 
 
 # ----------------------------------------------------------------------------- paths
@@ -138,10 +146,39 @@ class TarShardIndex:
   caption_offset: np.ndarray  # int64
   caption_size: np.ndarray  # int64
   error: str | None = None
+  file_size: int = -1  # bytes in the shard (-1: unknown)
 
   def __len__(self) -> int:
     # An unreadable shard still counts as one (skipped) record, so it is reported every epoch.
     return 1 if self.error else len(self.keys)
+
+  def member_error(self, i: int) -> str | None:
+    """Why sample i's image or caption member cannot be read as its header says (a size past
+    the end of the shard, or over the limit), or None."""
+    for what, offset, size, limit in (("image", self.image_offset[i], self.image_size[i], MAX_IMAGE_BYTES),
+                                      ("caption", self.caption_offset[i], self.caption_size[i], MAX_CAPTION_BYTES)):
+      if 0 <= self.file_size < offset + size:
+        return (f"the {what} member is truncated: its header says {size} bytes from byte {offset}, past "
+                f"the end of the shard ({self.file_size} bytes)")
+      if size > limit:
+        return f"the {what} member has {size} bytes, over the limit of {limit} bytes"
+    return None
+
+
+class _BoundedReader:
+  """A file object whose reads never ask for more than the bytes left in the file, so that no
+  length field of a tar header (a GNU long name, a pax header) makes tarfile allocate more
+  memory than the file holds."""
+
+  def __init__(self, f, size: int):
+    self._f, self._size = f, size
+
+  def read(self, n: int | None = -1) -> bytes:
+    left = max(0, self._size - self._f.tell())
+    return self._f.read(left if n is None or n < 0 else min(n, left))
+
+  def __getattr__(self, name):
+    return getattr(self._f, name)
 
 
 def split_member_name(name: str) -> tuple[str, str]:
@@ -156,10 +193,11 @@ def index_tar_shard(fs, path: str, image_extensions: Sequence[str], caption_exte
   """Reads the member headers of one uncompressed tar (seeking over the data) and groups the
   members into samples by key; the image is the first of `image_extensions` present."""
   samples: dict[str, dict[str, tuple[int, int]]] = {}
-  error = None
+  error, file_size = None, -1
   try:
+    file_size = int(fs.size(path))
     with fs.open(path, "rb") as f:
-      with tarfile.open(fileobj=f, mode="r:") as tar:
+      with tarfile.open(fileobj=_BoundedReader(f, file_size), mode="r:") as tar:
         while True:
           try:
             member = tar.next()
@@ -184,7 +222,7 @@ def index_tar_shard(fs, path: str, image_extensions: Sequence[str], caption_exte
   image = [next((samples[k][e] for e in image_extensions if e in samples[k]), (-1, -1)) for k in keys]
   caption = [samples[k].get(caption_extension, (-1, -1)) for k in keys]
   image, caption = np.asarray(image, np.int64), np.asarray(caption, np.int64)
-  return TarShardIndex(path, keys, image[:, 0], image[:, 1], caption[:, 0], caption[:, 1])
+  return TarShardIndex(path, keys, image[:, 0], image[:, 1], caption[:, 0], caption[:, 1], file_size=file_size)
 
 
 class TarShardSource:
@@ -219,18 +257,20 @@ class TarShardSource:
     i = index - (self._ends[shard_number - 1] if shard_number else 0)
     where = display_path(self._fs, shard.path)
     if shard.error:
-      return raw_record(where, error=shard.error)
-    record_id = f"{where}:{shard.keys[i]}"
+      return raw_record(where, source=where, error=shard.error)
+    record = functools.partial(raw_record, f"{where}:{shard.keys[i]}", source=where, index=i)
     if shard.image_size[i] < 0:
-      return raw_record(record_id, error=f"no image member ({'/'.join(self.image_extensions)})")
+      return record(error=f"no image member ({'/'.join(self.image_extensions)})")
     if shard.caption_size[i] < 0:
-      return raw_record(record_id, error=f"no caption member (.{self.caption_extension})")
+      return record(error=f"no caption member (.{self.caption_extension})")
+    if shard.member_error(i):
+      return record(error=shard.member_error(i))
     try:
       image = self._read(shard.path, shard.image_offset[i], shard.image_size[i])
       caption = self._read(shard.path, shard.caption_offset[i], shard.caption_size[i]).decode("utf-8")
     except (OSError, UnicodeDecodeError, ValueError) as e:
-      return raw_record(record_id, error=f"cannot read: {e}")
-    return raw_record(record_id, image=image, caption=caption)
+      return record(error=f"cannot read: {e}")
+    return record(image=image, caption=caption)
 
 
 # ----------------------------------------------------------------------------- image folders
@@ -295,6 +335,7 @@ class ImageFolderSource:
     for name in sorted(set(captions) - image_set):
       orphans.append(raw_record(display_path(fs, name), error="listed in the metadata but the file is missing"))
     self._fs = fs
+    self._where = path
     self._images = images
     self._captions = [captions.get(f) for f in images]
     self._has_caption = [f in captions for f in images]
@@ -305,6 +346,9 @@ class ImageFolderSource:
     return len(self._images) + len(self._orphans)
 
   def __getitem__(self, index: int) -> dict:
+    return {**self._record(index), "source": self._where, "index": int(index)}
+
+  def _record(self, index: int) -> dict:
     if index >= len(self._images):
       return self._orphans[index - len(self._images)]
     path = self._images[index]
@@ -359,20 +403,21 @@ class TfdsSource:
     return len(self._source)
 
   def __getitem__(self, index: int) -> dict:
-    record_id = f"{self.name}/{self.split}[{index}]"
+    record = functools.partial(raw_record, f"{self.name}/{self.split}[{index}]", source=f"{self.name}/{self.split}",
+                               index=index)
     try:
       example = self._source[index]
     except Exception as e:  # a damaged record: any decoding error of TFDS's feature code
-      return raw_record(record_id, error=f"cannot read: {type(e).__name__}: {e}")
+      return record(error=f"cannot read: {type(e).__name__}: {e}")
     try:
       image = np.asarray(_nested_get(example, self.image_key))
     except (KeyError, TypeError):
-      return raw_record(record_id, error=f"no image feature {self.image_key!r}")
+      return record(error=f"no image feature {self.image_key!r}")
     try:
       caption = _nested_get(example, self.caption_key)
     except (KeyError, TypeError):
-      return raw_record(record_id, error=f"no caption feature {self.caption_key!r}")
-    return raw_record(record_id, image=image, caption=caption)
+      return record(error=f"no caption feature {self.caption_key!r}")
+    return record(image=image, caption=caption)
 
 
 def local_path(path: str) -> str:

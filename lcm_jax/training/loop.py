@@ -27,7 +27,7 @@ from jax.experimental import multihost_utils
 from lcm_jax import checkpoint
 from lcm_jax.train_step import TrainState
 from lcm_jax.training.batches import next_batch
-from lcm_jax.training.logs import MetricWriter, mean_metrics
+from lcm_jax.training.logs import MetricWriter, SkipLog, mean_metrics
 
 
 class StopVote:
@@ -97,6 +97,7 @@ class Loop:
     manager: the Orbax checkpoint manager.
     write_samples: (step, target params) -> None, or None when no grids are drawn.
     progress: a tqdm bar (disabled off process 0), advanced as steps complete.
+    skip_log: where the records skipped by each step's batch go (`data_iter.take_skipped`).
   """
   config: ml_collections.ConfigDict
   config_json: Mapping[str, Any]
@@ -110,6 +111,7 @@ class Loop:
   write_samples: Callable[[int, Any], None] | None
   progress: Any
   log: Callable[..., None]
+  skip_log: SkipLog | None = None
   _in_flight: list = dataclasses.field(default_factory=list)
   _completed: list = dataclasses.field(default_factory=list)  # host metrics since the last log
   _last_log: tuple[float, int] = (0.0, 0)
@@ -130,6 +132,7 @@ class Loop:
       if on_batch is not None:
         on_batch(step, host_batch)
       skipped = int(host_batch.get("num_skipped", skipped))  # this process's total since the run began
+      self._log_skips(step + 1)
       requested = self._vote.cast(step + 1, preemption.requested)
       state, metrics = self.step_fn(state, self.frozen_arrays, self.to_device(host_batch))
       step += 1
@@ -151,6 +154,12 @@ class Loop:
           self.log(f"stopped at step {step} with a checkpoint; rerun with the same workdir to resume")
         return state
       host_batch = next_batch(self.data_iter, step)
+
+  def _log_skips(self, step: int) -> None:
+    """Names the records skipped by the batch of `step` (the one just read) in the skip log."""
+    take = getattr(self.data_iter, "take_skipped", None)
+    if self.skip_log is not None and take is not None:
+      self.skip_log.add(step, take())
 
   def _complete(self, keep: int) -> None:
     """Waits for the dispatched steps but the last `keep`: their metrics come to the host,
@@ -179,4 +188,6 @@ class Loop:
     scalars.update({"perf/samples_per_sec": self.config.batch_size / step_time, "perf/step_time": step_time,
                     "data/skipped_records": skipped_all})
     self.metric_writer.scalars(step, scalars)
+    if self.skip_log is not None:
+      self.skip_log.report(skipped_all)
     self.progress.set_postfix(loss=f"{values['loss']:.4g}", samples_s=f"{self.config.batch_size / step_time:.3g}")

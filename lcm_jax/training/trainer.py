@@ -51,7 +51,7 @@ from lcm_jax.training.batches import (
   next_batch,
 )
 from lcm_jax.training.frozen import FrozenModels, load_frozen_models
-from lcm_jax.training.logs import MetricWriter, console
+from lcm_jax.training.logs import MetricWriter, SkipLog, console, skip_log_path
 from lcm_jax.training.loop import Loop
 from lcm_jax.training.samples import SampleWriter
 from lcm_jax.training.sources import (
@@ -128,9 +128,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: 
       plan.log(f"{workdir} is already at step {step} of {config.num_train_steps}; nothing to do")
       return state
     preemption = cleanup.enter_context(checkpoint.PreemptionWatcher())
+    skipped_before = restored_skip_count(data_state)
     host_batch = next_batch(data_iter, step)
     step_fn, to_device = compile_step(plan, student, frozen, state, state_shardings, host_batch)
-    loop = make_loop(plan, cleanup, frozen, tokenizer, step_fn, to_device, data_iter, data_state, manager, step)
+    loop = make_loop(plan, cleanup, frozen, tokenizer, step_fn, to_device, data_iter, data_state, manager, step,
+                     skipped_before)
     return loop.run(state, host_batch, preemption, stop_after_steps=stop_after_steps, on_batch=on_batch)
 
 
@@ -272,7 +274,7 @@ def compile_step(plan: RunPlan, student: Student, frozen: FrozenModels, state: T
 
 
 def make_loop(plan: RunPlan, cleanup: contextlib.ExitStack, frozen: FrozenModels, tokenizer, step_fn, to_device,
-              data_iter, data_state, manager, step: int) -> Loop:
+              data_iter, data_state, manager, step: int, skipped_before: int = 0) -> Loop:
   """The loop with its writers (TensorBoard, sample grids, progress bar), closed by `cleanup`."""
   config = plan.config
   writer = MetricWriter(plan.workdir, enabled=plan.is_main)
@@ -283,6 +285,17 @@ def make_loop(plan: RunPlan, cleanup: contextlib.ExitStack, frozen: FrozenModels
                                  plan.sources.vae_config, lcm_scheduler_of(plan), writer, plan.is_main, plan.log)
   progress = cleanup.enter_context(tqdm(total=config.num_train_steps, initial=step, disable=not plan.is_main,
                                         unit="step", dynamic_ncols=True, desc=config.mode))
+  skip_log = SkipLog(skip_log_path(plan.workdir, jax.process_index()), skipped_before, plan.log)
   return Loop(config=config, config_json=plan.config_json, step_fn=step_fn, frozen_arrays=frozen.arrays,
               to_device=to_device, data_iter=data_iter, data_state=data_state, manager=manager,
-              metric_writer=writer, write_samples=write_samples, progress=progress, log=plan.log)
+              metric_writer=writer, write_samples=write_samples, progress=progress, log=plan.log,
+              skip_log=skip_log)
+
+
+def restored_skip_count(data_state) -> int:
+  """The records this process skipped before the data position training starts from (0 for a
+  fresh run, or for data that does not count them); read before the first batch."""
+  try:
+    return int(data_state.get_state()["iterator"]["num_skipped"])
+  except (AttributeError, KeyError, TypeError):
+    return 0
