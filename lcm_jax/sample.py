@@ -102,6 +102,27 @@ def check_flags() -> None:
     raise LcmJaxError(f"--batch_size must be at least 1, got {FLAGS.batch_size}")
 
 
+def image_names(n: int) -> list[str]:
+  """The PNG names of n images: 000.png, 001.png, ... (wider past 1000)."""
+  width_digits = max(3, len(str(n - 1)))
+  return [f"{i:0{width_digits}d}.png" for i in range(n)]
+
+
+def check_output(output: str, names: list[str]) -> None:
+  """Raises LcmJaxError unless `output` is a folder (or can be made one) where `names` and
+  grid.png can be written: checked before any work, so a mistake costs no sampling."""
+  if os.path.exists(output) and not os.path.isdir(output):
+    raise LcmJaxError(f"--output {output} is a file, not a folder")
+  parent = os.path.dirname(os.path.abspath(output))
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise LcmJaxError(f"--output {output} cannot be created: {parent} is a file")
+  for name in names + ["grid.png"]:
+    if os.path.isdir(os.path.join(output, name)):
+      raise LcmJaxError(f"--output {output} holds a folder named {name}, where an image would be written")
+
+
 def main(argv: list[str]) -> None:
   del argv
   if not FLAGS["verbosity"].present:
@@ -110,6 +131,7 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)
   check_flags()
   prompts = read_prompts()
+  check_output(FLAGS.output, image_names(len(prompts)))
   latents = read_latents(FLAGS.latents) if FLAGS.latents else None
 
   # Imported after the cheap checks: JAX and the models take seconds to import.
@@ -164,9 +186,8 @@ def main(argv: list[str]) -> None:
     raise RuntimeError(f"expected one compiled function, got {t2i.num_compiled}")
 
   images = np.stack(images)
-  width_digits = max(3, len(str(n - 1)))
-  for i, image in enumerate(images):
-    save_png(os.path.join(FLAGS.output, f"{i:0{width_digits}d}.png"), image)
+  for name, image in zip(image_names(n), images):
+    save_png(os.path.join(FLAGS.output, name), image)
   save_png(os.path.join(FLAGS.output, "grid.png"), image_grid(images))
   batches = math.ceil(n / batch)
   print(f"compile time {t2i.compile_seconds:.2f}s; after compilation {run_seconds / n:.3f}s per image "
