@@ -176,3 +176,59 @@ def test_skipped_records_are_counted_and_named_as_training_consumes_them(tiny_pi
   training.train(config(num_train_steps=4), resumed)
   assert open(os.path.join(resumed, "skipped_records.jsonl")).read() == open(log_path).read()
   jax.config.update("jax_compilation_cache_dir", None)
+
+
+# A training process killed (SIGKILL) at a point of its step-4 checkpoint write: in an item's
+# handler (the step folder is still a temporary one, an item missing), just before Orbax
+# renames the complete temporary folder, and just after.
+_KILL_SCRIPT = r"""
+import asyncio, json, os, signal, sys
+from orbax.checkpoint._src.path import atomicity
+from lcm_jax import checkpoint, training
+from tests.test_train import load_tiny_config
+
+point, workdir, overrides = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+kill = lambda: os.kill(os.getpid(), signal.SIGKILL)
+if point == "in_item":
+  checkpoint.DataIteratorHandler.save = lambda self, directory, args: kill()
+else:
+  finalize = atomicity.AtomicRenameTemporaryPath.finalize
+  async def finalize_then_die(self, *a, **k):
+    step_folder = self.get_final().name == "4"  # not another folder Orbax finalizes
+    if step_folder and point == "before_rename":
+      kill()
+    await finalize(self, *a, **k)
+    if step_folder:
+      kill()
+  atomicity.AtomicRenameTemporaryPath.finalize = finalize_then_die
+training.train(load_tiny_config(**overrides), workdir)
+print("not killed")
+"""
+
+
+@pytest.mark.parametrize("point,resumes_at", [("in_item", 2), ("before_rename", 2), ("after_rename", 4)])
+def test_a_run_killed_while_writing_a_checkpoint_resumes_bit_exactly(trained, point, resumes_at, capsys):
+  import json
+  import signal
+  import subprocess
+  import sys
+
+  from tests.helpers import REPO
+  workdir = str(trained["root"] / f"killed_{point}")
+  shutil.copytree(trained["workdir"], workdir)
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "4"))  # the killed run writes step 4 again
+  config = trained["config"](num_train_steps=4)
+  overrides = {"teacher": config.teacher, "data.path": config.data.path, "num_train_steps": 4,
+               "compilation_cache_dir": config.compilation_cache_dir}
+  r = subprocess.run([sys.executable, "-c", _KILL_SCRIPT, point, workdir, json.dumps(overrides)], cwd=REPO,
+                     env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+                     timeout=1500)
+  assert r.returncode == -signal.SIGKILL, (r.returncode, r.stdout[-2000:], r.stderr[-3000:])
+  steps = sorted(n for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit())
+  assert steps == (["2", "4"] if point == "after_rename" else ["2"]), os.listdir(os.path.join(workdir, "checkpoints"))
+  capsys.readouterr()
+  state = jax.device_get(training.train(trained["config"](num_train_steps=5), workdir))
+  assert f"at step {resumes_at}" in capsys.readouterr().out
+  assert int(state.step) == 5
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               (state.params, state.target_params), (trained["reference"].params, trained["reference"].target_params))
