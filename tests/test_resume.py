@@ -232,3 +232,42 @@ def test_a_run_killed_while_writing_a_checkpoint_resumes_bit_exactly(trained, po
   assert int(state.step) == 5
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                (state.params, state.target_params), (trained["reference"].params, trained["reference"].target_params))
+
+
+_SIGTERM_WHILE_COMPILING = r"""
+import json, os, signal, sys
+from lcm_jax import training
+from lcm_jax.training import trainer
+from tests.test_train import load_tiny_config
+
+compile_step = trainer.compile_step
+def terminated_while_compiling(*args, **kwargs):
+  os.kill(os.getpid(), signal.SIGTERM)
+  return compile_step(*args, **kwargs)
+trainer.compile_step = terminated_while_compiling
+training.train(load_tiny_config(**json.loads(sys.argv[2])), sys.argv[1])
+"""
+
+
+def test_sigterm_while_compiling_saves_after_the_first_step_and_resumes_bit_exactly(trained, capsys):
+  import json
+  import subprocess
+  import sys
+
+  from tests.helpers import REPO
+  workdir = str(trained["root"] / "sigterm_compiling")
+  config = trained["config"](num_train_steps=5)
+  overrides = {"teacher": config.teacher, "data.path": config.data.path, "num_train_steps": 5,
+               "compilation_cache_dir": config.compilation_cache_dir}
+  r = subprocess.run([sys.executable, "-c", _SIGTERM_WHILE_COMPILING, workdir, json.dumps(overrides)], cwd=REPO,
+                     env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+                     timeout=1500)
+  assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+  assert "received SIGTERM" in r.stdout and "stopped at step 1 with a checkpoint" in r.stdout, r.stdout[-2000:]
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1"]
+  capsys.readouterr()
+  state = jax.device_get(training.train(config, workdir))
+  assert "at step 1" in capsys.readouterr().out
+  assert int(state.step) == 5
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               (state.params, state.target_params), (trained["reference"].params, trained["reference"].target_params))
