@@ -16,3 +16,17 @@ class UnsupportedConfigError(LcmJaxError):
 
 class WeightsError(LcmJaxError):
   """Weights that do not match the model they are loaded into, or cannot be read."""
+
+
+def check_can_be_folder(path: str, name: str = "") -> None:
+  """Raises LcmJaxError unless `path` is a folder or can be made one: neither it nor its
+  nearest existing parent is a file. `name` (e.g. "--output") starts the message."""
+  import os
+  label = f"{name} {path}" if name else path
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise LcmJaxError(f"{label} is a file, not a folder")
+  parent = os.path.dirname(os.path.abspath(path))
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise LcmJaxError(f"{label} cannot be created: {parent} is a file")

@@ -23,7 +23,7 @@ import numpy as np
 from absl import flags, logging
 
 from lcm_jax import cli
-from lcm_jax.errors import LcmJaxError
+from lcm_jax.errors import LcmJaxError, check_can_be_folder
 
 # Kept here, not imported from text_to_image, so that --help and flag errors do not pay for
 # importing JAX; main() checks that the two agree.
@@ -111,13 +111,7 @@ def image_names(n: int) -> list[str]:
 def check_output(output: str, names: list[str]) -> None:
   """Raises LcmJaxError unless `output` is a folder (or can be made one) where `names` and
   grid.png can be written: checked before any work, so a mistake costs no sampling."""
-  if os.path.exists(output) and not os.path.isdir(output):
-    raise LcmJaxError(f"--output {output} is a file, not a folder")
-  parent = os.path.dirname(os.path.abspath(output))
-  while not os.path.exists(parent):
-    parent = os.path.dirname(parent)
-  if not os.path.isdir(parent):
-    raise LcmJaxError(f"--output {output} cannot be created: {parent} is a file")
+  check_can_be_folder(output, "--output")
   for name in names + ["grid.png"]:
     if os.path.isdir(os.path.join(output, name)):
       raise LcmJaxError(f"--output {output} holds a folder named {name}, where an image would be written")

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lcm_jax import weights
-from lcm_jax.errors import LcmJaxError, UnsupportedConfigError, WeightsError
+from lcm_jax.errors import LcmJaxError, UnsupportedConfigError, WeightsError, check_can_be_folder
 from lcm_jax.safetensors_io import (
   SafetensorsFile,
   ShardedSafetensors,
@@ -276,13 +276,7 @@ def unet_config_for_params(config: Mapping, unet_params: Mapping) -> dict:
 def check_output_folder(output: str, overwrite: bool = False) -> None:
   """Raises LcmJaxError unless `output` can become a pipeline folder: it must not be a file or
   lie under one, and an existing non-empty folder needs `overwrite` (it is then replaced whole)."""
-  parent = os.path.dirname(os.path.abspath(output))
-  while not os.path.exists(parent):
-    parent = os.path.dirname(parent)
-  if os.path.exists(output) and not os.path.isdir(output):
-    raise LcmJaxError(f"{output} is a file, not a folder")
-  if not os.path.isdir(parent):
-    raise LcmJaxError(f"{output} cannot be created: {parent} is a file")
+  check_can_be_folder(output)
   if os.path.isdir(output) and os.listdir(output) and not overwrite:
     raise LcmJaxError(f"{output} is not empty; pass --overwrite (overwrite=True) to replace it")
 

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from lcm_jax import checkpoint
-from lcm_jax.errors import LcmJaxError
+from lcm_jax.errors import LcmJaxError, check_can_be_folder
 from lcm_jax.sd_pipeline import (
   Pipeline,
   abstract_params,
@@ -99,13 +99,7 @@ def saved_config(workdir: str) -> dict | None:
 
 def check_workdir_path(workdir: str) -> None:
   """Raises LcmJaxError unless `workdir` is a folder or can be made one (no file in the way)."""
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise LcmJaxError(f"--workdir {workdir} is a file, not a folder")
-  parent = os.path.dirname(os.path.abspath(workdir))
-  while not os.path.exists(parent):
-    parent = os.path.dirname(parent)
-  if not os.path.isdir(parent):
-    raise LcmJaxError(f"--workdir {workdir} cannot be created: {parent} is a file")
+  check_can_be_folder(workdir, "--workdir")
 
 
 def set_aside_checkpoint(workdir: str, step: int) -> str:

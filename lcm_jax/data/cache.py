@@ -23,7 +23,7 @@ from absl import logging
 from lcm_jax.data import latents as latents_lib
 from lcm_jax.data import loader as data_loader
 from lcm_jax.data import preprocess
-from lcm_jax.errors import LcmJaxError
+from lcm_jax.errors import LcmJaxError, check_can_be_folder
 from lcm_jax.models.vae import AutoencoderKL
 
 _NAME_FIRST_SKIPS = 10  # skipped records named in the log; the rest are counted
@@ -73,13 +73,7 @@ class _ShardWriter:
 def existing_cache_files(output: str, overwrite: bool) -> list[str]:
   """The files of a cache already in `output`: an error unless `overwrite`; an error too if
   `output` is a file or lies under one."""
-  if os.path.exists(output) and not os.path.isdir(output):
-    raise LcmJaxError(f"--output {output} is a file, not a folder")
-  parent = os.path.dirname(os.path.abspath(output))
-  while not os.path.exists(parent):
-    parent = os.path.dirname(parent)
-  if not os.path.isdir(parent):
-    raise LcmJaxError(f"--output {output} cannot be created: {parent} is a file")
+  check_can_be_folder(output, "--output")
   old = glob.glob(os.path.join(output, "latents-*.array_record"))
   old += [p for p in [os.path.join(output, latents_lib.METADATA_FILE)] if os.path.exists(p)]
   if old and not overwrite:
