@@ -5,6 +5,8 @@ raised as a subclass of `LcmJaxError`. The command-line programs print its messa
 line on stderr and exit with status 2, with no traceback.
 """
 
+import os
+
 
 class LcmJaxError(Exception):
   """An error caused by the user's input, with a message that says what to do."""
