@@ -27,6 +27,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from lcm_jax import jsonfile
 from lcm_jax.errors import LcmJaxError
 
 # Checkpoint items holding arrays.
@@ -69,7 +70,11 @@ class DataIteratorHandler(ocp.CheckpointHandler):
 
   @staticmethod
   def _read(path: epath.Path):
-    record = json.loads(path.read_text())
+    jsonfile.check_size(str(path), path.stat().length)
+    try:
+      record = json.loads(path.read_text())
+    except ValueError as e:
+      raise LcmJaxError(f"{path} cannot be read as JSON: {e}") from None
     return record["bytes"].encode() if "bytes" in record else record["json"]
 
   def metadata(self, directory: epath.Path):

@@ -23,7 +23,6 @@ class WeightsError(LcmJaxError):
 def check_can_be_folder(path: str, name: str = "") -> None:
   """Raises LcmJaxError unless `path` is a folder or can be made one: neither it nor its
   nearest existing parent is a file. `name` (e.g. "--output") starts the message."""
-  import os
   label = f"{name} {path}" if name else path
   if os.path.exists(path) and not os.path.isdir(path):
     raise LcmJaxError(f"{label} is a file, not a folder")

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lcm_jax import weights
+from lcm_jax import jsonfile, weights
 from lcm_jax.errors import LcmJaxError, UnsupportedConfigError, WeightsError, check_can_be_folder
 from lcm_jax.safetensors_io import (
   SafetensorsFile,
@@ -77,18 +77,68 @@ class Pipeline:
 
 
 def read_json(path: str) -> dict:
+  """A diffusers JSON file (config, model_index, weight index), size-bounded (lcm_jax.jsonfile)."""
+  return jsonfile.read_json(path, missing=f"{path} is missing: is this a diffusers pipeline folder?")
+
+
+SHARD = "-?????-of-?????"  # transformers/diffusers shard suffix: -00001-of-00002
+
+
+def weights_file_names(stem: str, variant: str | None = None) -> list[str]:
+  """The file names (fnmatch patterns for shards) a component's safetensors weights may have.
+
+  As diffusers writes them: `stem.safetensors`, or shards `stem-00001-of-00002.safetensors`
+  with `stem.safetensors.index.json`; a variant v: `stem.v.safetensors`, shards
+  `stem.v-00001-of-00002.safetensors` with `stem.safetensors.index.v.json`, or the older
+  names `stem-00001-of-00002.v.safetensors` with `stem.safetensors.v.index.json`.
+  """
+  if not variant:
+    return [f"{stem}.safetensors", f"{stem}{SHARD}.safetensors", f"{stem}.safetensors.index.json"]
+  return [f"{stem}.{variant}.safetensors", f"{stem}.{variant}{SHARD}.safetensors",
+          f"{stem}.safetensors.index.{variant}.json",
+          f"{stem}{SHARD}.{variant}.safetensors", f"{stem}.safetensors.{variant}.index.json"]
+
+
+def hub_allow_patterns(components: tuple[str, ...] = DEFAULT_COMPONENTS, variant: str | None = None) -> list[str]:
+  """The `allow_patterns` of a hub download: model_index.json and, for each component loaded,
+  its config and its safetensors weights of `variant` only (never PyTorch pickles, other
+  variants, non-EMA weights, the safety checker or single-file checkpoints at the root)."""
+  patterns = ["model_index.json"]
+  for component in components:
+    _, stem, config_name = COMPONENTS[component]
+    if stem is None:  # tokenizer/, scheduler/: small files, all of them (as diffusers)
+      patterns.append(f"{component}/*")
+      continue
+    patterns.append(f"{component}/{config_name}")
+    patterns += [f"{component}/{name}" for name in weights_file_names(stem, variant)]
+  return patterns
+
+
+def looks_like_repo_id(path_or_repo_id: str) -> bool:
+  """"owner/name" that is not a local path."""
+  return (path_or_repo_id.count("/") == 1 and not path_or_repo_id.startswith((".", "/", "~"))
+          and not os.path.exists(os.path.expanduser(path_or_repo_id)))
+
+
+def download_from_hub(repo_id: str, allow_patterns: list[str], *, revision: str | None = None,
+                      token: str | bool | None = None, what: str = "", hint: str = "") -> str:
+  """`huggingface_hub.snapshot_download` of the files matching `allow_patterns` (a cached
+  snapshot when offline); any failure is one LcmJaxError naming `what` with `hint`."""
   try:
-    with open(path) as f:
-      return json.load(f)
-  except FileNotFoundError:
-    raise LcmJaxError(f"{path} is missing: is this a diffusers pipeline folder?") from None
-  except (OSError, json.JSONDecodeError) as e:
-    raise LcmJaxError(f"{path} cannot be read as JSON: {e}") from None
+    import huggingface_hub
+    return huggingface_hub.snapshot_download(repo_id, revision=revision, token=token,
+                                             allow_patterns=allow_patterns)
+  except Exception as e:  # the hub raises many types: offline, 404, gated, connection errors
+    first_line = str(e).splitlines()[0] if str(e) else ""
+    raise LcmJaxError(f"could not download {what}{repo_id!r}" + (f" at revision {revision!r}" if revision else "")
+                      + f" from the Hugging Face Hub ({type(e).__name__}: {first_line}). {hint}") from None
 
 
-def resolve_pipeline_folder(path_or_repo_id: str, *, revision: str | None = None,
-                            variant: str | None = None) -> str:
-  """A local folder for `path_or_repo_id`: the folder itself, or a Hugging Face Hub snapshot.
+def resolve_pipeline_folder(path_or_repo_id: str, *, revision: str | None = None, variant: str | None = None,
+                            token: str | bool | None = None,
+                            components: tuple[str, ...] = DEFAULT_COMPONENTS) -> str:
+  """A local folder for `path_or_repo_id`: the folder itself, or a Hugging Face Hub snapshot
+  of `components` (`hub_allow_patterns`). `revision`, `token` and `variant` apply to hub ids.
 
   Raises:
     LcmJaxError: the folder does not exist, or the hub cannot be reached (offline).
@@ -96,30 +146,22 @@ def resolve_pipeline_folder(path_or_repo_id: str, *, revision: str | None = None
   path = os.path.expanduser(path_or_repo_id)
   if os.path.isdir(path):
     return path
-  looks_like_repo_id = (path_or_repo_id.count("/") == 1 and not path_or_repo_id.startswith((".", "/", "~"))
-                        and not os.path.exists(path))
-  if not looks_like_repo_id:
+  if not looks_like_repo_id(path_or_repo_id):
     raise LcmJaxError(f"model folder {path_or_repo_id!r} does not exist")
-  try:
-    import huggingface_hub
-    patterns = ["*.json", "*.txt", "tokenizer/*"]
-    patterns += [f"*.{variant}.safetensors", f"*.{variant}*.safetensors*"] if variant else ["*.safetensors"]
-    return huggingface_hub.snapshot_download(path_or_repo_id, revision=revision, allow_patterns=patterns)
-  except Exception as e:  # the hub raises many types: offline, 404, gated, connection errors
-    raise LcmJaxError(
-        f"could not download {path_or_repo_id!r} from the Hugging Face Hub "
-        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
-        "If this machine is offline, pass a local diffusers pipeline folder instead.") from None
+  return download_from_hub(
+      path_or_repo_id, hub_allow_patterns(components, variant), revision=revision, token=token,
+      hint="If this machine is offline, pass a local diffusers pipeline folder instead.")
 
 
 def open_component_weights(folder: str, stem: str, variant: str | None = None) -> SafetensorsFile | ShardedSafetensors:
-  """The safetensors weights of one component folder (single file or sharded with an index)."""
-  suffix = f".{variant}.safetensors" if variant else ".safetensors"
-  single = os.path.join(folder, stem + suffix)
-  index = single + ".index.json"
-  if os.path.isfile(single):
-    return SafetensorsFile(single)
-  if os.path.isfile(index):
+  """The safetensors weights of one component folder (single file, or shards with an index;
+  the names of `weights_file_names`)."""
+  names = weights_file_names(stem, variant)
+  single, indexes = names[0], [n for n in names if n.endswith(".json")]
+  if os.path.isfile(os.path.join(folder, single)):
+    return SafetensorsFile(os.path.join(folder, single))
+  index = next((os.path.join(folder, i) for i in indexes if os.path.isfile(os.path.join(folder, i))), None)
+  if index is not None:
     weight_map = read_json(index).get("weight_map", {})
     shards = sorted({os.path.join(folder, f) for f in weight_map.values()})
     missing = [s for s in shards if not os.path.isfile(s)]
@@ -134,7 +176,7 @@ def open_component_weights(folder: str, stem: str, variant: str | None = None) -
         "Convert them once with diffusers/transformers: load the component with `from_pretrained(...)` and "
         "call `save_pretrained(folder, safe_serialization=True)`, or download the safetensors version of the model.")
   hint = f" (found: {', '.join(others)}; pass variant=... to pick one)" if others else ""
-  raise WeightsError(f"{folder} has no {stem}{suffix}{hint}")
+  raise WeightsError(f"{folder} has no {single}{hint}")
 
 
 def _model_classes():
@@ -214,7 +256,7 @@ class _Renamed(Mapping):
 
 def load_pipeline_folder(path_or_repo_id: str, *, dtype=jnp.float32, param_dtype=jnp.float32,
                          components: tuple[str, ...] = DEFAULT_COMPONENTS, variant: str | None = None,
-                         revision: str | None = None) -> Pipeline:
+                         revision: str | None = None, token: str | bool | None = None) -> Pipeline:
   """Loads a diffusers Stable Diffusion pipeline folder (or hub repo) into Flax.
 
   `lcm_jax.load_pipeline` also takes training workdirs; this takes folders and hub ids only.
@@ -226,7 +268,8 @@ def load_pipeline_folder(path_or_repo_id: str, *, dtype=jnp.float32, param_dtype
     param_dtype: dtype the parameters are stored in.
     components: which of unet, vae, text_encoder, tokenizer, scheduler to load.
     variant: a weights variant such as "fp16" (`diffusion_pytorch_model.fp16.safetensors`).
-    revision: hub revision.
+    revision: hub revision (a branch, tag or commit hash).
+    token: hub token for gated or private repos (default: HF_TOKEN or the saved login).
 
   Raises:
     LcmJaxError (and subclasses) with a message that says what is wrong.
@@ -234,7 +277,8 @@ def load_pipeline_folder(path_or_repo_id: str, *, dtype=jnp.float32, param_dtype
   unknown = set(components) - set(COMPONENTS)
   if unknown:
     raise LcmJaxError(f"unknown pipeline components {sorted(unknown)}; choose from {list(COMPONENTS)}")
-  folder = resolve_pipeline_folder(path_or_repo_id, revision=revision, variant=variant)
+  folder = resolve_pipeline_folder(path_or_repo_id, revision=revision, variant=variant, token=token,
+                                  components=tuple(components))
   model_index = read_json(os.path.join(folder, "model_index.json"))
   pipe = Pipeline(model_index=model_index, path=folder)
   for component in components:

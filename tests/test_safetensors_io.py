@@ -1,6 +1,7 @@
 """Our NumPy safetensors reader/writer against the reference `safetensors` library."""
 
 import json
+import os
 import struct
 
 import ml_dtypes
@@ -106,3 +107,54 @@ def test_hostile_headers_are_refused_before_anything_is_allocated(tmp_path):
     SafetensorsFile(path)
   _with_header(path, {"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8)
   assert SafetensorsFile(path)["x"].tolist() == [0.0, 0.0]  # and a sound one opens
+
+
+def _sparse(path, size: int) -> None:
+  """A file of `size` bytes that takes no disk space (and would take minutes to read)."""
+  with open(path, "wb") as f:
+    f.truncate(size)
+
+
+def test_json_files_over_the_bound_are_refused_without_reading_them(tmp_path):
+  """A 64 GiB model_index.json, latent-cache metadata.json or data-iterator state file: one
+  LcmJaxError naming the size, at once (reading any of them would take minutes and all memory)."""
+  import time
+
+  from etils import epath
+
+  from lcm_jax.checkpoint import DataIteratorHandler
+  from lcm_jax.data.latents import read_metadata
+  from lcm_jax.errors import LcmJaxError
+  from lcm_jax.load import load_pipeline
+
+  huge = 2 ** 36
+  t0 = time.perf_counter()
+  (tmp_path / "model").mkdir()
+  _sparse(tmp_path / "model" / "model_index.json", huge)
+  with pytest.raises(LcmJaxError, match=f"model_index.json is {huge} bytes, more than the {2 ** 26} bytes"):
+    load_pipeline(str(tmp_path / "model"))
+  (tmp_path / "cache").mkdir()
+  _sparse(tmp_path / "cache" / "metadata.json", huge)
+  with pytest.raises(LcmJaxError, match=f"metadata.json is {huge} bytes"):
+    read_metadata(str(tmp_path / "cache"))
+  _sparse(tmp_path / "process_0-of-1.json", huge)
+  with pytest.raises(LcmJaxError, match=f"process_0-of-1.json is {huge} bytes"):
+    DataIteratorHandler._read(epath.Path(tmp_path / "process_0-of-1.json"))
+  assert time.perf_counter() - t0 < 30
+
+
+def test_sample_cli_refuses_an_oversized_model_index_with_one_line(tmp_path):
+  import subprocess
+  import sys
+
+  from tests.helpers import REPO
+
+  (tmp_path / "model").mkdir()
+  _sparse(tmp_path / "model" / "model_index.json", 2 ** 36)
+  r = subprocess.run([sys.executable, "-m", "lcm_jax.sample", "--model=model", "--prompt=a", "--output=out"],
+                     cwd=tmp_path, env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu"),
+                     capture_output=True, text=True, timeout=300)
+  lines = r.stderr.splitlines()
+  assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-3000:]
+  assert "model_index.json is 68719476736 bytes" in lines[0]
+  assert not (tmp_path / "out").exists()

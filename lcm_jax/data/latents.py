@@ -20,6 +20,7 @@ import os
 
 import numpy as np
 
+from lcm_jax import jsonfile
 from lcm_jax.errors import LcmJaxError
 
 METADATA_FILE = "metadata.json"
@@ -90,14 +91,8 @@ def read_metadata(folder: str) -> dict:
   path = os.path.join(folder, METADATA_FILE)
   if not os.path.isdir(folder):
     raise LcmJaxError(f"latent cache {folder} does not exist (write one with python -m lcm_jax.cache_latents)")
-  try:
-    with open(path) as f:
-      metadata = json.load(f)
-  except FileNotFoundError:
-    raise LcmJaxError(f"{folder} has no {METADATA_FILE}: not a latent cache, or cache_latents did not "
-                      "finish") from None
-  except (OSError, json.JSONDecodeError) as e:
-    raise LcmJaxError(f"{path} cannot be read: {e}") from None
+  metadata = jsonfile.read_json(path, missing=f"{folder} has no {METADATA_FILE}: not a latent cache, or "
+                                              "cache_latents did not finish")
   if metadata.get("format") != FORMAT_NAME or metadata.get("version") != FORMAT_VERSION:
     raise LcmJaxError(f"{path} is not a version-{FORMAT_VERSION} lcm-jax latent cache "
                       f"(format={metadata.get('format')!r}, version={metadata.get('version')!r})")

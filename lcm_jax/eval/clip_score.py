@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -32,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lcm_jax import weights
+from lcm_jax import jsonfile, weights
 from lcm_jax.errors import LcmJaxError, UnsupportedConfigError
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -243,11 +242,11 @@ def load_clip(path_or_repo_id: str, *, revision: str | None = None, dtype=jnp.fl
   from lcm_jax.models.clip import CLIPModel, CLIPModelConfig
   from lcm_jax.tokenizer import load_tokenizer
   folder = resolve_clip_folder(path_or_repo_id, revision)
-  config = CLIPModelConfig.from_dict(_read_json(os.path.join(folder, "config.json")))
+  config = CLIPModelConfig.from_dict(jsonfile.read_json(os.path.join(folder, "config.json")))
   module = CLIPModel(config, dtype=dtype)
   params = load_clip_params(folder, module)
   processor_file = os.path.join(folder, "preprocessor_config.json")
-  preprocess = CLIPPreprocess.from_dict(_read_json(processor_file)) if os.path.exists(processor_file) \
+  preprocess = CLIPPreprocess.from_dict(jsonfile.read_json(processor_file)) if os.path.exists(processor_file) \
       else CLIPPreprocess()
   if preprocess.crop_height != config.vision.image_size or preprocess.crop_width != config.vision.image_size:
     raise UnsupportedConfigError(f"{folder}: the processor crops {preprocess.crop_height}x{preprocess.crop_width} "
@@ -255,9 +254,3 @@ def load_clip(path_or_repo_id: str, *, revision: str | None = None, dtype=jnp.fl
   return CLIPScorer(module, params, load_tokenizer(folder), preprocess, batch_size)
 
 
-def _read_json(path: str) -> dict:
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, json.JSONDecodeError) as e:
-    raise LcmJaxError(f"cannot read {path}: {e}") from None

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from lcm_jax import jsonfile
+from lcm_jax.errors import LcmJaxError
 from lcm_jax.figures import save_png
 
 CELL_FILE, SCORES_FILE, IMAGES_DIR = "cell.json", "scores.json", "images"
@@ -29,10 +31,9 @@ _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=4)  # PNG coding relea
 
 def _read_json(path: str) -> dict:
   try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, json.JSONDecodeError):
-    return {}  # absent or cut short by a kill: treated as not written
+    return jsonfile.read_json(path)
+  except LcmJaxError:
+    return {}  # absent, or cut short by a kill: treated as not written
 
 
 def _write_json(path: str, data: dict) -> None:

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import os
 
 import numpy as np
 
+from lcm_jax import jsonfile
 from lcm_jax.errors import LcmJaxError
+
+MAX_CAPTIONS_BYTES = 2**30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,11 +94,10 @@ def read_coco_captions(path: str, *, one_per_image: bool = True, seed: int = 0) 
   one_per_image: one caption per image, chosen by `seed` (images in increasing id order);
   otherwise every caption.
   """
-  with _open(path) as f:
-    try:
-      data = json.load(f)
-    except json.JSONDecodeError as e:
-      raise LcmJaxError(f"{path} is not JSON: {e}") from None
+  if not os.path.isfile(path):
+    raise LcmJaxError(f"prompt file {path} does not exist")
+  # COCO 2017's train captions are 90 MB; the bound only stops a wrong file being parsed whole.
+  data = jsonfile.read_json(path, max_bytes=MAX_CAPTIONS_BYTES)
   annotations = data.get("annotations") if isinstance(data, dict) else None
   if not annotations or not all("caption" in a and "image_id" in a for a in annotations):
     raise LcmJaxError(f"{path} has no COCO caption annotations (a list of {{image_id, id, caption}})")
