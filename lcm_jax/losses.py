@@ -219,19 +219,47 @@ def _metrics(draws: Draws, schedule: Schedule, config: ConsistencyLossConfig) ->
           "caption_dropped": jnp.mean(draws.drop.astype(jnp.float32))}
 
 
+def lora_student_apply(apply_fn: ApplyFn, scale: float) -> ApplyFn:
+  """The LCM-LoRA student as an `ApplyFn` of `{"base": UNet params, "lora": adapters}`: the
+  base UNet with `scale` (alpha / r) times the adapters added (`lcm_jax.lora.apply_loras`,
+  inside the traced function, so the base is never copied in storage). As in diffusers'
+  LCM-LoRA script the student has no guidance input: `timestep_cond` is dropped."""
+  from lcm_jax.lora import apply_loras
+
+  def apply(params, z, t, context, timestep_cond):
+    del timestep_cond
+    return apply_fn(apply_loras(params["base"], [(params["lora"], scale)]), z, t, context, None)
+  return apply
+
+
 def make_loss_fn(mode: str, student_apply: ApplyFn, schedule: Schedule, config: ConsistencyLossConfig,
-                 teacher_apply: ApplyFn | None = None):
+                 teacher_apply: ApplyFn | None = None, lora_scale: float | None = None):
   """The loss for `lcm_jax.train_step.make_train_step`:
 
       loss_fn(student_params, target_params, frozen, batch, rng) -> (loss, metrics)
 
   with `frozen = {"teacher": teacher params (LCD only), "uncond_context": [1, L, D]}` and
   `batch = {"latents": [B, H, W, C], "context": [B, L, D]}`.
+
+  With `lora_scale` (LCM-LoRA, LCD only), the student and target parameters are LoRA
+  adapters (`lcm_jax.lora`) on the frozen teacher, `student_apply` is the teacher's UNet
+  and the student gets no guidance embedding (`lora_student_apply`).
   """
   if mode not in ("lcd", "lcf"):
     raise LcmJaxError(f"unknown mode {mode!r}; choose lcd or lcf")
   if mode == "lcd" and teacher_apply is None:
     raise LcmJaxError("LCD needs a teacher")
+  if lora_scale is not None:
+    if mode != "lcd":
+      raise LcmJaxError("a LoRA student is distilled from a teacher: it needs mode 'lcd'")
+    lora_apply = lora_student_apply(student_apply, lora_scale)
+    full_loss = make_loss_fn(mode, lora_apply, schedule, config, teacher_apply)
+
+    def lora_loss_fn(student_params, target_params, frozen, batch, rng):
+      base = frozen["teacher"]
+      return full_loss({"base": base, "lora": student_params}, {"base": base, "lora": target_params}, frozen,
+                       batch, rng)
+    return lora_loss_fn
 
   def loss_fn(student_params, target_params, frozen, batch, rng):
     draws = draw(rng, batch["latents"], schedule, config)
