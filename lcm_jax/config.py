@@ -52,6 +52,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.teacher = ""            # diffusers pipeline folder or hub id (LCD: the teacher; LCF: optional
                             # source of the VAE/text encoder, else init_from's)
   c.teacher_variant = ""    # weights variant of the teacher folder, e.g. "fp16"
+  c.teacher_revision = ""   # hub revision of a teacher hub id (branch, tag or commit); the token comes
+                            # from HF_TOKEN or `hf auth login`, never the config (saved in the workdir)
   c.init_from = ""          # optional: an LCM pipeline folder or a workdir to start the student from
   c.init_params = "ema"     # which parameters of an init_from workdir: "ema" or "online"
   c.mode = "lcd"            # "lcd" (distillation, Algorithm 1) or "lcf" (fine-tuning, Algorithm 4)
@@ -151,6 +153,8 @@ def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> tupl
   old, new = _flatten(saved), _flatten(current)
   safe, unsafe = [], []
   for key in sorted(set(old) | set(new)):
+    if key not in old and new[key] == "":
+      continue  # a key added to the configs after the run started, left at its empty default
     if old.get(key) != new.get(key):
       (safe if key in RESUME_SAFE_KEYS else unsafe).append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
   return safe, unsafe

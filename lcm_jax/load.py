@@ -12,7 +12,7 @@ from lcm_jax.sd_pipeline import DEFAULT_COMPONENTS, Pipeline, load_pipeline_fold
 
 def load_pipeline(path_or_repo_id: str, *, dtype=jnp.float32, param_dtype=jnp.float32,
                   components: tuple[str, ...] = DEFAULT_COMPONENTS, variant: str | None = None,
-                  revision: str | None = None, params: str = "ema") -> Pipeline:
+                  revision: str | None = None, token: str | bool | None = None, params: str = "ema") -> Pipeline:
   """Loads a Stable Diffusion / LCM pipeline into Flax modules and parameter trees.
 
   Args:
@@ -26,7 +26,9 @@ def load_pipeline(path_or_repo_id: str, *, dtype=jnp.float32, param_dtype=jnp.fl
     param_dtype: dtype the parameters are stored in.
     components: which of unet, vae, text_encoder, tokenizer, scheduler to load (folders only).
     variant: a weights variant such as "fp16" (`diffusion_pytorch_model.fp16.safetensors`).
-    revision: hub revision.
+    revision: hub revision (a branch, tag or commit hash).
+    token: hub token for gated or private repos (default: the HF_TOKEN environment
+      variable or the token saved by `hf auth login`).
 
   Raises:
     LcmJaxError (and subclasses) with a message that says what is wrong.
@@ -35,4 +37,4 @@ def load_pipeline(path_or_repo_id: str, *, dtype=jnp.float32, param_dtype=jnp.fl
   if workdir_lib.is_workdir(path):
     return workdir_lib.load_pipeline_from_workdir(path, params=params, dtype=dtype, param_dtype=param_dtype)
   return load_pipeline_folder(path_or_repo_id, dtype=dtype, param_dtype=param_dtype, components=components,
-                              variant=variant, revision=revision)
+                              variant=variant, revision=revision, token=token)

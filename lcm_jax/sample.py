@@ -28,7 +28,7 @@ from lcm_jax.errors import LcmJaxError, check_can_be_folder
 # Kept here, not imported from text_to_image, so that --help and flag errors do not pay for
 # importing JAX; main() checks that the two agree.
 SAMPLERS = ("lcm", "ddim", "dpm_solver", "dpm_solver_pp")
-DTYPES = ("fp32", "bf16")
+DTYPES = ("fp32", "bf16", "fp16")
 
 FLAGS = flags.FLAGS
 def define_flags() -> None:
@@ -52,8 +52,20 @@ def define_flags() -> None:
   flags.DEFINE_integer("batch_size", 1, "Images per batch (one compiled function per batch size).")
   flags.DEFINE_string("latents", None, "A .npy of float32 initial latents [num_prompts, C, H/f, W/f] (diffusers' "
                       "NCHW layout), instead of drawing them from --seed.")
-  flags.DEFINE_string("dtype", "fp32", f"Compute and weight dtype: {' or '.join(DTYPES)}.")
+  flags.DEFINE_string("dtype", "fp32", f"Compute and weight dtype: {', '.join(DTYPES)}. bf16 for TPUs and recent "
+                      "GPUs (A100, H100, L4); fp16 for GPUs without fast bf16 (Colab's T4, V100). The parity "
+                      "bounds against fp32 are in the README (section Precision).")
+  define_hub_flags()
   flags.DEFINE_string("output", None, "Folder for the PNGs (created if missing; files are overwritten).")
+
+
+def define_hub_flags() -> None:
+  """--variant, --revision and --token: how a Hugging Face Hub id is downloaded."""
+  flags.DEFINE_string("variant", None, "Weights variant to load, e.g. fp16 (diffusion_pytorch_model.fp16.safetensors); "
+                      "on the hub only that variant's files are downloaded.")
+  flags.DEFINE_string("revision", None, "Hub revision of --model: a branch, tag or commit hash (default: main).")
+  flags.DEFINE_string("token", None, "Hub token for gated or private repos (default: the HF_TOKEN environment "
+                      "variable or the token saved by `hf auth login`).")
 
 
 def read_prompts() -> list[str]:
@@ -137,9 +149,10 @@ def main(argv: list[str]) -> None:
   from lcm_jax.load import load_pipeline
   assert SAMPLERS == text_to_image.SAMPLERS
 
-  dtype = {"fp32": jnp.float32, "bf16": jnp.bfloat16}[FLAGS.dtype]
+  dtype = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}[FLAGS.dtype]
   start = time.perf_counter()
-  pipe = load_pipeline(FLAGS.model, dtype=dtype, param_dtype=dtype, params=FLAGS.params)
+  pipe = load_pipeline(FLAGS.model, dtype=dtype, param_dtype=dtype, params=FLAGS.params, variant=FLAGS.variant,
+                       revision=FLAGS.revision, token=FLAGS.token)
   print(f"loaded {FLAGS.model} in {time.perf_counter() - start:.1f}s", flush=True)
   t2i = text_to_image.TextToImage(pipe)
   height, width = t2i.resolve_size(FLAGS.height, FLAGS.width)

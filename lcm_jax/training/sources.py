@@ -50,7 +50,8 @@ class Sources:
 def resolve_sources(config: ml_collections.ConfigDict) -> Sources:
   """Finds every folder the run needs and reads their configs (no weights)."""
   variant = config.teacher_variant or None
-  teacher = resolve_pipeline_folder(config.teacher, variant=variant) if config.teacher else None
+  revision = config.get("teacher_revision") or None
+  teacher = resolve_pipeline_folder(config.teacher, variant=variant, revision=revision) if config.teacher else None
   init_folder = init_workdir = None
   if config.init_from:
     if workdir_lib.is_workdir(config.init_from):
