@@ -12,7 +12,8 @@ from lcm_jax.sd_pipeline import DEFAULT_COMPONENTS, Pipeline, load_pipeline_fold
 
 def load_pipeline(path_or_repo_id: str, *, dtype=jnp.float32, param_dtype=jnp.float32,
                   components: tuple[str, ...] = DEFAULT_COMPONENTS, variant: str | None = None,
-                  revision: str | None = None, token: str | bool | None = None, params: str = "ema") -> Pipeline:
+                  revision: str | None = None, token: str | bool | None = None, params: str = "ema",
+                  loras=(), fuse: bool = True) -> Pipeline:
   """Loads a Stable Diffusion / LCM pipeline into Flax modules and parameter trees.
 
   Args:
@@ -26,6 +27,11 @@ def load_pipeline(path_or_repo_id: str, *, dtype=jnp.float32, param_dtype=jnp.fl
     param_dtype: dtype the parameters are stored in.
     components: which of unet, vae, text_encoder, tokenizer, scheduler to load (folders only).
     variant: a weights variant such as "fp16" (`diffusion_pytorch_model.fp16.safetensors`).
+    loras: LoRA files to add to the UNet, each "PATH" or "PATH:SCALE" (a folder with
+      `pytorch_lora_weights.safetensors`, or the file; diffusers, PEFT or kohya naming) or a
+      (path, scale) pair; several are summed (`lcm_jax.lora`).
+    fuse: fuse the LoRAs into the UNet weights (default), or keep them apart and add them
+      inside the sampler's compiled function.
     revision: hub revision (a branch, tag or commit hash).
     token: hub token for gated or private repos (default: the HF_TOKEN environment
       variable or the token saved by `hf auth login`).
@@ -35,6 +41,11 @@ def load_pipeline(path_or_repo_id: str, *, dtype=jnp.float32, param_dtype=jnp.fl
   """
   path = os.path.expanduser(path_or_repo_id)
   if workdir_lib.is_workdir(path):
-    return workdir_lib.load_pipeline_from_workdir(path, params=params, dtype=dtype, param_dtype=param_dtype)
-  return load_pipeline_folder(path_or_repo_id, dtype=dtype, param_dtype=param_dtype, components=components,
-                              variant=variant, revision=revision, token=token)
+    pipe = workdir_lib.load_pipeline_from_workdir(path, params=params, dtype=dtype, param_dtype=param_dtype)
+  else:
+    pipe = load_pipeline_folder(path_or_repo_id, dtype=dtype, param_dtype=param_dtype, components=components,
+                                variant=variant, revision=revision, token=token)
+  if loras:
+    from lcm_jax.lora import add_loras
+    add_loras(pipe, loras, fuse=fuse)
+  return pipe

@@ -386,3 +386,29 @@ def parse_lora_arg(arg: str) -> tuple[str, float]:
     except ValueError:
       pass
   return arg, 1.0
+
+
+def add_loras(pipe, loras: Sequence[str | tuple[str, float]], fuse: bool = True):
+  """Loads LoRA files onto a loaded pipeline's UNet (`lcm_jax.load.load_pipeline(loras=...)`).
+
+  Args:
+    pipe: an `lcm_jax.sd_pipeline.Pipeline` with a UNet.
+    loras: each a path ("DIR" or "DIR:SCALE", see `parse_lora_arg`) or a (path, scale) pair.
+    fuse: add them into `pipe.params["unet"]` now (diffusers' `fuse_lora`); otherwise keep
+      them in `pipe.unet_loras` as (adapters, scale) pairs that sampling adds inside its
+      compiled function, leaving the base weights as loaded.
+  Returns:
+    `pipe`, changed in place.
+  """
+  if pipe.unet is None:
+    raise LcmJaxError("LoRAs apply to the UNet, but the pipeline was loaded without one")
+  pairs = []
+  for item in loras:
+    path, scale = parse_lora_arg(item) if isinstance(item, str) else (item[0], float(item[1]))
+    adapters = jax.tree.map(jnp.asarray, read_lora(path, pipe.params["unet"]))
+    pairs.append((adapters, scale))
+  if fuse:
+    pipe.params["unet"] = jax.jit(apply_loras)(pipe.params["unet"], pairs)
+  else:
+    pipe.unet_loras = list(getattr(pipe, "unet_loras", None) or []) + pairs
+  return pipe

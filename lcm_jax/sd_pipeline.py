@@ -56,6 +56,8 @@ class Pipeline:
       stored; `save_pipeline` writes these back, so nothing the loader did not need is lost.
     model_index: the `model_index.json` dict.
     path: the local folder the pipeline was read from.
+    unet_loras: LoRA adapters kept apart from the UNet weights, (adapters, scale) pairs
+      (`lcm_jax.lora.add_loras(fuse=False)`); samplers add them inside their compiled function.
   """
   unet: Any = None
   vae: Any = None
@@ -65,6 +67,7 @@ class Pipeline:
   configs: dict = dataclasses.field(default_factory=dict)
   model_index: dict = dataclasses.field(default_factory=dict)
   path: str = ""
+  unet_loras: list = dataclasses.field(default_factory=list)
 
   @property
   def scheduler_config(self) -> dict:

@@ -50,6 +50,7 @@ import numpy as np
 
 from lcm_jax.consistency import guidance_embedding
 from lcm_jax.errors import LcmJaxError
+from lcm_jax.lora import apply_loras
 from lcm_jax.models.vae import AutoencoderKL
 from lcm_jax.samplers import (
   INIT_NOISE_SIGMA,
@@ -249,7 +250,8 @@ class TextToImage:
     return int(height), int(width)
 
   def _params(self) -> dict:
-    return {"unet": self.pipe.params["unet"], "vae": self.pipe.params["vae"]}
+    return {"unet": self.pipe.params["unet"], "vae": self.pipe.params["vae"],
+            "unet_loras": list(self.pipe.unet_loras)}
 
   def _generate_fn(self, sampler: str, num_steps: int, guided: bool):
     """The function to compile: (params, schedule, context, uncond_context, latents, keys,
@@ -263,6 +265,8 @@ class TextToImage:
 
     def generate(params, schedule, context, uncond_context, latents, keys, guidance_scale):
       self.traces += 1  # runs once per trace: the tests count compilations with it
+      # Unfused LoRAs: added to the base weights once per call, inside the compiled function.
+      params = dict(params, unet=apply_loras(params["unet"], params["unet_loras"]))
       if sampler == "lcm":
         def one_image(z, c, key):
           # Batch of one inside a vmap: the re-noising noise is drawn per image.

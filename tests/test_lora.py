@@ -252,3 +252,66 @@ def test_parse_lora_arg():
   assert lora.parse_lora_arg("runs/x") == ("runs/x", 1.0)
   assert lora.parse_lora_arg("runs/x:0.5") == ("runs/x", 0.5)
   assert lora.parse_lora_arg("runs/x:-1") == ("runs/x", -1.0)
+
+
+# ---- 4-step LCM images with LoRAs: ours (load_pipeline(loras=...)) vs diffusers -------------
+
+
+PROMPTS = ["a red circle on the left", "a photo of a cat"]
+SIZE, SEED, STEPS = 16, 7, 4
+
+
+@pytest.fixture(scope="module")
+def lora_dirs(pipes, tmp_path_factory):
+  """Two random LoRAs for the sd1 tiny pipeline, written in diffusers' format."""
+  _, pipe = pipes("sd1")
+  root = tmp_path_factory.mktemp("loras")
+  first = lora.save_diffusers_lora(str(root / "first"), random_lora(pipe.params["unet"], 4, seed=21, b_std=0.2))
+  second = lora.save_diffusers_lora(str(root / "second"),
+                                    random_lora(pipe.params["unet"], 2, seed=22, b_std=0.2, targets=("to_k", "conv2")))
+  return str(root / "first"), str(root / "second")
+
+
+def _our_images(folder, loras, fuse):
+  from lcm_jax import text_to_image
+  from tests.test_sample import _latents_nchw
+  t2i = text_to_image.TextToImage(load_pipeline(folder, loras=loras, fuse=fuse))
+  return t2i(PROMPTS, sampler="lcm", num_steps=STEPS, guidance_scale=1.0, latents=_latents_nchw(), seed=SEED)
+
+
+def _diffusers_images(folder, loras, monkeypatch):
+  from tests.test_sample import _InjectedNoise, _latents_nchw, _our_lcm_noises
+  pipe = _torch_pipe(folder)
+  pipe.scheduler = diffusers.LCMScheduler.from_config(pipe.scheduler.config)
+  names = []
+  for i, (path, _) in enumerate(loras):
+    pipe.load_lora_weights(path, adapter_name=f"l{i}")
+    names.append(f"l{i}")
+  if loras:
+    pipe.set_adapters(names, adapter_weights=[w for _, w in loras])
+  monkeypatch.setattr("diffusers.schedulers.scheduling_lcm.randn_tensor", _InjectedNoise(_our_lcm_noises(STEPS)))
+  return pipe(PROMPTS, num_inference_steps=STEPS, guidance_scale=1.0, height=SIZE, width=SIZE,
+              latents=torch.from_numpy(_latents_nchw()), output_type="np").images
+
+
+def test_lcm_lora_image_matches_diffusers_load_lora_weights(pipes, lora_dirs, monkeypatch):
+  folder, _ = pipes("sd1")
+  first, _ = lora_dirs
+  ours = _our_images(folder, [f"{first}:0.9"], fuse=False)
+  ref = _diffusers_images(folder, [(first, 0.9)], monkeypatch)
+  err = float(np.abs(ours / 255.0 - ref).max())
+  assert err <= 2 / 255, err
+  without = _diffusers_images(folder, [], monkeypatch)
+  assert float(np.abs(ours / 255.0 - without).max()) > 10 / 255  # the LoRA shows in the image
+
+
+def test_two_loras_fused_and_unfused_match_diffusers_set_adapters(pipes, lora_dirs, monkeypatch):
+  folder, _ = pipes("sd1")
+  first, second = lora_dirs
+  fused = _our_images(folder, [(first, 0.7), (second, -0.8)], fuse=True)
+  unfused = _our_images(folder, [f"{first}:0.7", f"{second}:-0.8"], fuse=False)
+  # fp32 rounding of the two sums can move a pixel by at most one level of uint8.
+  assert int(np.abs(fused.astype(int) - unfused.astype(int)).max()) <= 1
+  ref = _diffusers_images(folder, [(first, 0.7), (second, -0.8)], monkeypatch)
+  err = float(np.abs(fused / 255.0 - ref).max())
+  assert err <= 2 / 255, err
