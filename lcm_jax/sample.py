@@ -57,6 +57,11 @@ def define_flags() -> None:
                       "bounds against fp32 are in the README (section Precision).")
   define_hub_flags()
   flags.DEFINE_string("output", None, "Folder for the PNGs (created if missing; files are overwritten).")
+  flags.DEFINE_multi_string("lora", None, "A LoRA to add to the UNet, DIR[:SCALE] (a folder with "
+                            "pytorch_lora_weights.safetensors, or a .safetensors file; diffusers, PEFT or kohya "
+                            "naming; SCALE default 1). Repeat for several, e.g. an LCM-LoRA and a style LoRA.")
+  flags.DEFINE_bool("fuse_lora", True, "Fuse the LoRAs into the UNet weights once; --nofuse_lora keeps them apart "
+                    "and adds them inside the compiled sampler.")
 
 
 def define_hub_flags() -> None:
@@ -112,6 +117,9 @@ def check_flags() -> None:
     raise LcmJaxError(f"--steps must be at least 1, got {FLAGS.steps}")
   if FLAGS.batch_size < 1:
     raise LcmJaxError(f"--batch_size must be at least 1, got {FLAGS.batch_size}")
+  from lcm_jax.lora import lora_file, parse_lora_arg
+  for arg in FLAGS.lora or ():
+    lora_file(parse_lora_arg(arg)[0])  # a missing LoRA fails before the model loads
 
 
 def image_names(n: int) -> list[str]:
@@ -152,7 +160,7 @@ def main(argv: list[str]) -> None:
   dtype = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}[FLAGS.dtype]
   start = time.perf_counter()
   pipe = load_pipeline(FLAGS.model, dtype=dtype, param_dtype=dtype, params=FLAGS.params, variant=FLAGS.variant,
-                       revision=FLAGS.revision, token=FLAGS.token)
+                       revision=FLAGS.revision, token=FLAGS.token, loras=FLAGS.lora or (), fuse=FLAGS.fuse_lora)
   print(f"loaded {FLAGS.model} in {time.perf_counter() - start:.1f}s", flush=True)
   t2i = text_to_image.TextToImage(pipe)
   height, width = t2i.resolve_size(FLAGS.height, FLAGS.width)

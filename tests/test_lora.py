@@ -8,7 +8,7 @@ matrix). The UNet comparisons use the fp32 bound of test_unet.py; the image comp
 
 from __future__ import annotations
 
-import logging
+import os
 
 import jax
 import jax.numpy as jnp
@@ -315,3 +315,34 @@ def test_two_loras_fused_and_unfused_match_diffusers_set_adapters(pipes, lora_di
   ref = _diffusers_images(folder, [(first, 0.7), (second, -0.8)], monkeypatch)
   err = float(np.abs(fused / 255.0 - ref).max())
   assert err <= 2 / 255, err
+
+
+# ---- python -m lcm_jax.sample --lora ----------------------------------------------------
+
+
+def test_sample_cli_with_two_loras_equals_the_library(pipes, lora_dirs, tmp_path):
+  from PIL import Image
+
+  from tests.test_sample import _cli
+  folder, _ = pipes("sd1")
+  first, second = lora_dirs
+  out = tmp_path / "out"
+  proc = _cli(["--model", folder, "--prompt", PROMPTS[0], "--steps", "2", "--seed", str(SEED), "--output", str(out),
+               "--lora", f"{first}:0.5", "--lora", os.path.join(second, lora.LORA_WEIGHTS_NAME)])
+  from lcm_jax import text_to_image
+  library = text_to_image.TextToImage(load_pipeline(folder, loras=[(first, 0.5), (second, 1.0)]))(
+      PROMPTS[:1], num_steps=2, seed=SEED)
+  stdout, stderr = proc.communicate(timeout=1200)
+  assert proc.returncode == 0, stderr
+  np.testing.assert_array_equal(np.asarray(Image.open(out / "000.png")), library[0])
+
+
+def test_sample_cli_missing_lora_is_one_line(pipes, tmp_path):
+  from tests.test_sample import _cli
+  folder, _ = pipes("sd1")
+  proc = _cli(["--model", folder, "--prompt", "a cat", "--output", str(tmp_path / "out"),
+               "--lora", str(tmp_path / "nope") + ":0.5"])
+  _, stderr = proc.communicate(timeout=600)
+  assert proc.returncode != 0
+  lines = [line for line in stderr.strip().splitlines() if line.strip()]
+  assert len(lines) == 1 and "nope" in lines[0] and "no such file" in lines[0], stderr
