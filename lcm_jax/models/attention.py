@@ -140,7 +140,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, upcast: bool = False,
     return jax.nn.dot_product_attention(q, k, v, implementation="cudnn").astype(v.dtype)
   if backend == "splash":
     return splash_attention(q, k, v).astype(v.dtype)
-  if upcast:
+  # XLA:CPU has no float16 product with float32 accumulation; float16 products are exact in
+  # float32, so upcasting q and k there is the same arithmetic.
+  if upcast or (q.dtype == jnp.float16 and target_platform() == "cpu"):
     q, k = q.astype(jnp.float32), k.astype(jnp.float32)
   if backend == "xla":
     return xla_attention(q, k, v)

@@ -201,7 +201,11 @@ class CLIPAttention(_CLIPModule):
         batch, length, c.num_attention_heads, c.head_dim)
     q, k, v = heads("q_proj"), heads("k_proj"), heads("v_proj")
     # XLA's implementation takes the logits and the softmax in float32 for any input dtype.
-    out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal, implementation="xla")
+    dtype = v.dtype
+    if dtype == jnp.float16 and jax.default_backend() == "cpu":
+      # XLA:CPU has no float16 product with float32 accumulation: the same sums in float32.
+      q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal, implementation="xla").astype(dtype)
     return nn.Dense(c.hidden_size, name="out_proj", **kw)(out.reshape(batch, length, -1))
 
 
