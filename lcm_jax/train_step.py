@@ -15,6 +15,7 @@ The loss plugs in as `loss_fn(student_params, target_params, frozen, batch, rng)
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -269,29 +270,32 @@ def _on_mesh(loss_fn: LossFn, mesh: Mesh | None, gather_params: bool, kernel_dty
     return loss_fn
   gather = gather_params and mesh.shape.get("fsdp", 1) > 1
 
-  def step_loss(params, target, frozen, batch, rng):
+  def step_loss(params, target, frozen, batch, rng, **kwargs):
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
       if gather:
         # The frozen models are stored in their compute dtype already; only the student and
         # its target (float32 master weights) are cast.
         params, target = compute_view(params, mesh, kernel_dtype), compute_view(target, mesh, kernel_dtype)
         frozen = compute_view(frozen, mesh)
-      return loss_fn(params, target, frozen, batch, rng)
+      return loss_fn(params, target, frozen, batch, rng, **kwargs)
   return step_loss
 
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
-                    ema_decay: float, *, mesh: Mesh | None = None,
+                    ema_decay: float | Callable[[jax.Array], jax.Array], *, mesh: Mesh | None = None,
                     state_shardings: TrainState | None = None, frozen_shardings: Any = None,
                     batch_shardings: Any = None, donate: bool = True, grad_accum_steps: int = 1,
-                    gather_params: bool = True, kernel_dtype: Any = None):
+                    gather_params: bool = True, kernel_dtype: Any = None, loss_takes_step: bool = False):
   """The jitted `step(state, frozen, batch) -> (new_state, metrics)`.
 
   Args:
     loss_fn: `(student_params, target_params, frozen, batch, rng) -> (loss [], aux)`, aux a
       dict of scalar metrics. Differentiated w.r.t. the student only.
     optimizer: e.g. `make_optimizer(...)` (gradient clipping belongs inside it).
-    ema_decay: mu in theta- <- mu theta- + (1 - mu) theta (paper 0.999943, diffusers 0.95).
+    ema_decay: mu in theta- <- mu theta- + (1 - mu) theta (paper 0.999943, diffusers 0.95), or a
+      function of the step count after the update -> mu (Guided-Distill freezes the target
+      with 1 and copies the student with 0; lcm_jax.guided_distill.target_decay).
+    loss_takes_step: call `loss_fn(..., rng, step=state.step)` (the steps taken before this one).
     mesh: with a mesh the step is compiled with explicit shardings: `state_shardings`
       (default replicated), `frozen_shardings` (default replicated) and `batch_shardings`
       (default: every batch leaf split on its leading dim over ("data", "fsdp")). Inputs
@@ -323,13 +327,15 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
     target = jax.lax.stop_gradient(state.target_params)
     frozen = jax.lax.stop_gradient(frozen)
 
-    (loss, aux), grads = accumulated_value_and_grad(step_loss, state.params, target, frozen, batch, rng,
+    objective = functools.partial(step_loss, step=state.step) if loss_takes_step else step_loss
+    (loss, aux), grads = accumulated_value_and_grad(objective, state.params, target, frozen, batch, rng,
                                                     grad_accum_steps)
     grad_norm = optax.tree.norm(jax.tree.map(lambda g: g.astype(jnp.float32), grads))
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # After the optimiser step, from the updated student (diffusers' order).
-    target_params = ema_update(state.target_params, params, ema_decay)
+    decay = ema_decay(state.step + 1) if callable(ema_decay) else ema_decay
+    target_params = ema_update(state.target_params, params, decay)
 
     metrics = _step_metrics(loss, grad_norm, opt_state, aux)
     new_state = state.replace(step=state.step + 1, params=params, target_params=target_params,
