@@ -154,7 +154,7 @@ def plan_run(config: ml_collections.ConfigDict, workdir: str) -> RunPlan:
   loss_config(config, int(sources.student_unet_config["time_cond_proj_dim"]))  # checks the loss against the model
   config_json = json.loads(config.to_json_best_effort())
   resume_step = workdir_lib.latest_step(workdir)
-  log = console(jax.process_index() == 0)
+  log = console(jax.process_index() == 0, workdir)
   if resume_step is not None:
     check_resumable(workdir, config_json, log)
   return RunPlan(config=config, workdir=workdir, sources=sources, mesh=mesh, schedule=schedule,
