@@ -14,6 +14,7 @@ import glob
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -218,9 +219,46 @@ def load_component(folder: str, component: str, *, dtype=jnp.float32, param_dtyp
   _, stem, config_name = COMPONENTS[component]
   config = read_json(os.path.join(folder, config_name))
   module = build_module(component, config, dtype=dtype, param_dtype=param_dtype, **module_kwargs)
-  tensors = _stored_names_as_modelled(component, open_component_weights(folder, stem, variant))
-  params = weights.torch_to_flax(tensors, abstract_params(module), what=folder, place=place)
+  stored = open_component_weights(folder, stem, variant)
+  total = sum(_data_bytes(f.path) for f in getattr(stored, "files", [stored]))
+  with progress_bar(total, f"loading {component}") as bar:
+    tensors = _Counted(_stored_names_as_modelled(component, stored), bar)
+    params = weights.torch_to_flax(tensors, abstract_params(module), what=folder, place=place)
   return module, params, config
+
+
+def _data_bytes(path: str) -> int:
+  """The bytes of a safetensors file's tensors: its size less the 8-byte length and the header."""
+  with open(path, "rb") as f:
+    return os.path.getsize(path) - 8 - int.from_bytes(f.read(8), "little")
+
+
+def progress_bar(total_bytes: int, desc: str):
+  """A bytes progress bar on stderr (a widget in notebooks); off where stderr is not a terminal."""
+  from tqdm.auto import tqdm
+  return tqdm(total=total_bytes, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=False,
+              disable=None, file=sys.stderr)
+
+
+class _Counted(Mapping):
+  """A lazy tensor mapping that advances `bar` by each tensor's bytes as it is read."""
+
+  def __init__(self, tensors, bar):
+    self._t, self._bar = tensors, bar
+
+  def __getitem__(self, k):
+    array = self._t[k]
+    self._bar.update(getattr(array, "nbytes", 0))
+    return array
+
+  def shape(self, k):
+    return self._t.shape(k)
+
+  def __iter__(self):
+    return iter(self._t)
+
+  def __len__(self):
+    return len(self._t)
 
 
 def _stored_names_as_modelled(component: str, tensors):
@@ -361,18 +399,32 @@ def save_pipeline(pipe: Pipeline, output: str, *, dtype: str = "fp32", overwrite
 
 def _write_pipeline_folder(pipe: Pipeline, output: str, dtype: str) -> None:
   """The files of `save_pipeline`, written into the (empty) folder `output`."""
-  index = dict(pipe.model_index)
-  for component, params in pipe.params.items():
-    _, stem, config_name = COMPONENTS[component]
-    sub = os.path.join(output, component)
-    os.makedirs(sub, exist_ok=True)
-    config = pipe.configs[component]
-    if component == "unet":
-      config = unet_config_for_params(config, params)
-    with open(os.path.join(sub, config_name), "w") as f:
-      json.dump(config, f, indent=2, sort_keys=True)
-    tensors = weights.flax_to_torch(params, dtype=EXPORT_DTYPES[dtype])
-    write_safetensors(os.path.join(sub, stem + ".safetensors"), tensors, metadata={"format": "pt"})
+  def nbytes(params) -> int:
+    return sum(np.dtype(EXPORT_DTYPES[dtype]).itemsize * int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params))
+
+  with progress_bar(sum(nbytes(p) for p in pipe.params.values()), "writing") as bar:
+    for component, params in pipe.params.items():
+      _write_component(pipe, output, component, params, dtype)
+      bar.update(nbytes(params))
+  _write_small_components(pipe, output, dict(pipe.model_index))
+
+
+def _write_component(pipe: Pipeline, output: str, component: str, params, dtype: str) -> None:
+  """One model component's folder: its config and its safetensors weights in `dtype`."""
+  _, stem, config_name = COMPONENTS[component]
+  sub = os.path.join(output, component)
+  os.makedirs(sub, exist_ok=True)
+  config = pipe.configs[component]
+  if component == "unet":
+    config = unet_config_for_params(config, params)
+  with open(os.path.join(sub, config_name), "w") as f:
+    json.dump(config, f, indent=2, sort_keys=True)
+  tensors = weights.flax_to_torch(params, dtype=EXPORT_DTYPES[dtype])
+  write_safetensors(os.path.join(sub, stem + ".safetensors"), tensors, metadata={"format": "pt"})
+
+
+def _write_small_components(pipe: Pipeline, output: str, index: dict) -> None:
+  """Tokenizer, scheduler, components copied as they are, and model_index.json."""
   if pipe.tokenizer is not None:
     pipe.tokenizer.save_pretrained(os.path.join(output, "tokenizer"))
   if "scheduler" in pipe.configs:
