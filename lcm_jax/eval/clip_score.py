@@ -212,14 +212,10 @@ def resolve_clip_folder(path_or_repo_id: str, revision: str | None = None) -> st
     return path
   if path_or_repo_id.count("/") != 1 or path_or_repo_id.startswith((".", "/", "~")):
     raise LcmJaxError(f"CLIP model folder {path_or_repo_id!r} does not exist")
-  try:
-    import huggingface_hub
-    return huggingface_hub.snapshot_download(path_or_repo_id, revision=revision, allow_patterns=HUB_PATTERNS)
-  except Exception as e:  # offline, 404, gated, connection errors: the hub raises many types
-    raise LcmJaxError(
-        f"could not download CLIP model {path_or_repo_id!r} from the Hugging Face Hub "
-        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). If this machine is offline, "
-        "pass a local folder with config.json, model.safetensors and the tokenizer files.") from None
+  from lcm_jax.sd_pipeline import download_from_hub
+  return download_from_hub(path_or_repo_id, HUB_PATTERNS, revision=revision, what="CLIP model ",
+                           hint="If this machine is offline, pass a local folder with config.json, "
+                           "model.safetensors and the tokenizer files.")
 
 
 def load_clip_params(folder: str, module) -> dict:
