@@ -240,7 +240,7 @@ def test_cli_bad_input_gives_one_error_line(tiny_pipeline, tmp_path):
       "unknown sampler": base + ["--sampler", "euler"],
       "lcm steps": base + ["--steps", "51"],
       "height": base + ["--height", "15"],
-      "dtype flag": base + ["--dtype", "fp16"],
+      "dtype flag": base + ["--dtype", "fp8"],
       "missing model": ["--model", str(tmp_path / "nope"), "--prompt", "a cat", "--output", out],
       "no model flag": ["--prompt", "a cat", "--output", out],
       "prompts file": ["--model", model, "--prompts_file", str(tmp_path / "nope.txt"), "--output", out],
