@@ -36,6 +36,7 @@ def define_flags() -> None:
   flags.DEFINE_string("tfds_split", "train", "TFDS split (tfds format).")
   flags.DEFINE_string("data_dir", "", "TFDS data_dir (tfds format; default: TFDS's).")
   flags.DEFINE_integer("read_threads", 16, "Threads reading and decoding images.")
+  cli.define_hub_flags()
   flags.mark_flags_as_required(["model", "resolution", "output"])
 
 
@@ -53,7 +54,8 @@ def main(argv: list[str]) -> None:
   source, _ = image_source(config)
   print(f"{FLAGS.data_path or FLAGS.tfds_name}: {len(source)} records", flush=True)
   print(f"loading {FLAGS.model} (vae, text_encoder, tokenizer) ...", flush=True)
-  pipe = load_pipeline(FLAGS.model, components=("vae", "text_encoder", "tokenizer"))
+  pipe = load_pipeline(FLAGS.model, components=("vae", "text_encoder", "tokenizer"), variant=FLAGS.variant,
+                       revision=FLAGS.revision, token=FLAGS.token)
   meta = cache_latents(pipe, config, resolution=FLAGS.resolution, output=FLAGS.output,
                        batch_size=FLAGS.batch_size, shard_size=FLAGS.shard_size, dtype=FLAGS.dtype,
                        overwrite=FLAGS.overwrite, model_name=FLAGS.model, source=source)

@@ -7,6 +7,7 @@ program exits with status 2, with no traceback. Anything else is a bug and keeps
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import sys
@@ -15,6 +16,19 @@ from collections.abc import Callable, Iterator
 from absl import app, flags
 
 from lcm_jax.errors import LcmJaxError
+
+
+def define_hub_flags(token_use: str = "a gated or private --model") -> None:
+  """--variant, --revision and --token: what a Hugging Face Hub --model downloads, and how.
+  Defined as the calling program's flags, so that its --help lists them."""
+  caller = sys._getframe(1).f_globals["__name__"]
+  caller = sys.argv[0] if caller == "__main__" else caller  # how absl names the main module
+  define = functools.partial(flags.DEFINE_string, module_name=caller)
+  define("variant", None, "Weights variant to load, e.g. fp16 (diffusion_pytorch_model.fp16.safetensors); "
+                      "for a hub id only that variant's files are downloaded.")
+  define("revision", None, "Hub revision of a --model hub id: a branch, tag or commit hash (default main).")
+  define("token", None, f"Hub token for {token_use} (default: the HF_TOKEN environment variable or "
+                      "the token saved by `hf auth login`).")
 
 
 def fail(message: str) -> None:

@@ -31,14 +31,11 @@ def define_flags() -> None:
   flags.DEFINE_bool("overwrite", False, "Replace a non-empty --output folder whole (written beside it, then "
                     "swapped in: no old file survives next to the new ones).")
   flags.DEFINE_enum("dtype", "fp32", ["fp32", "fp16", "bf16"], "Dtype of the written weights.")
-  flags.DEFINE_string("variant", None, "Weights variant of the source, e.g. fp16.")
-  flags.DEFINE_string("revision", None, "Hub revision of a --model hub id (branch, tag or commit hash).")
   flags.DEFINE_enum("params", "ema", ["ema", "online"], "For a workdir: the EMA target (default) or the student.")
   flags.DEFINE_string("push_to_hub", None, "A Hugging Face Hub repo id (owner/name): upload the exported folder "
                       "there (the repo is created if missing). The model card's snippet then loads that id.")
   flags.DEFINE_bool("private", False, "With --push_to_hub: create the repo private.")
-  flags.DEFINE_string("token", None, "Hub token for --push_to_hub and for a gated or private --model (default: the "
-                      "HF_TOKEN environment variable or the token saved by `hf auth login`).")
+  cli.define_hub_flags(token_use="--push_to_hub and for a gated or private --model")
   flags.DEFINE_string("base_model", None, "The model card's base_model, for a folder or hub source (a workdir's "
                       "card names its teacher by itself).")
   flags.mark_flags_as_required(["model", "output"])

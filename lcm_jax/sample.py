@@ -55,22 +55,13 @@ def define_flags() -> None:
   flags.DEFINE_string("dtype", "fp32", f"Compute and weight dtype: {', '.join(DTYPES)}. bf16 for TPUs and recent "
                       "GPUs (A100, H100, L4); fp16 for GPUs without fast bf16 (Colab's T4, V100). The parity "
                       "bounds against fp32 are in the README (section Precision).")
-  define_hub_flags()
+  cli.define_hub_flags()
   flags.DEFINE_string("output", None, "Folder for the PNGs (created if missing; files are overwritten).")
   flags.DEFINE_multi_string("lora", None, "A LoRA to add to the UNet, DIR[:SCALE] (a folder with "
                             "pytorch_lora_weights.safetensors, or a .safetensors file; diffusers, PEFT or kohya "
                             "naming; SCALE default 1). Repeat for several, e.g. an LCM-LoRA and a style LoRA.")
   flags.DEFINE_bool("fuse_lora", True, "Fuse the LoRAs into the UNet weights once; --nofuse_lora keeps them apart "
                     "and adds them inside the compiled sampler.")
-
-
-def define_hub_flags() -> None:
-  """--variant, --revision and --token: how a Hugging Face Hub id is downloaded."""
-  flags.DEFINE_string("variant", None, "Weights variant to load, e.g. fp16 (diffusion_pytorch_model.fp16.safetensors); "
-                      "on the hub only that variant's files are downloaded.")
-  flags.DEFINE_string("revision", None, "Hub revision of --model: a branch, tag or commit hash (default: main).")
-  flags.DEFINE_string("token", None, "Hub token for gated or private repos (default: the HF_TOKEN environment "
-                      "variable or the token saved by `hf auth login`).")
 
 
 def read_prompts() -> list[str]:
