@@ -28,12 +28,14 @@ import numpy as np
 
 from lcm_jax.data import default_data_config
 from lcm_jax.errors import LcmJaxError
+from lcm_jax.lora import DEFAULT_TARGETS as LORA_TARGETS
 from lcm_jax.models.attention import BACKENDS as ATTENTION_BACKENDS
 from lcm_jax.sharding import DEFAULT_RULES
 
 DTYPES = ("float32", "bfloat16", "float16")
 MODES = ("lcd", "lcf")
 UNCONDS = ("empty_prompt", "zeros")
+STUDENTS = ("full", "lora")
 
 # Fixed prompts of the sample grids written during training (rows of workdir/samples/*.png).
 SAMPLE_PROMPTS = (
@@ -57,6 +59,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.init_from = ""          # optional: an LCM pipeline folder or a workdir to start the student from
   c.init_params = "ema"     # which parameters of an init_from workdir: "ema" or "online"
   c.mode = "lcd"            # "lcd" (distillation, Algorithm 1) or "lcf" (fine-tuning, Algorithm 4)
+  c.student = "full"        # "full", or "lora": LCM-LoRA, the frozen teacher + an adapter (lcd only)
+  c.lora = lora_defaults()  # rank, alpha, targets of a LoRA student
   c.data = default_data_config()  # path, format, center_crop, random_flip, ... (lcm_jax.data)
   c.resolution = 512        # pixels; must be a multiple of VAE factor x 2^(UNet down blocks - 1)
   c.batch_size = 72         # global; paper: 72 at 512, 16 at 768
@@ -128,6 +132,18 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def lora_defaults() -> ml_collections.ConfigDict:
+  """config.lora: the adapter of a LoRA student (config.student = "lora"; LCM-LoRA, Luo et al.
+  2023, arXiv 2311.05556): the frozen teacher plus alpha / rank x A @ B on the `targets`
+  layers, without guidance input (lcm_jax.lora, docs/lora.md). Defaults: diffusers'
+  train_lcm_distill_lora_sd_wds.py."""
+  c = ml_collections.ConfigDict()
+  c.rank = 64                # --lora_rank
+  c.alpha = 64.0             # --lora_alpha (the rank); the adapter's delta is scaled by alpha / rank
+  c.targets = tuple(LORA_TARGETS)  # module-name suffixes (PEFT's rule): the script's layer set
+  return c
+
+
 # Keys a resumed run may change freely: schedules of logs, checkpoints and samples, the run's
 # length, the learning rate, and how the step is laid out on the devices (not what it computes).
 RESUME_SAFE_KEYS = (
@@ -155,6 +171,9 @@ def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> tupl
   for key in sorted(set(old) | set(new)):
     if key not in old and new[key] == "":
       continue  # a key added to the configs after the run started, left at its empty default
+    if key not in old and (key == "student" and new[key] == "full" or key.startswith("lora.")
+                           and old.get("student", "full") == "full"):
+      continue  # a run from before LoRA students: a full student, to which lora.* mean nothing
     if old.get(key) != new.get(key):
       (safe if key in RESUME_SAFE_KEYS else unsafe).append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
   return safe, unsafe
@@ -259,6 +278,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise LcmJaxError("config.init_from is empty: LCF fine-tunes an existing LCM (a pipeline folder or "
                       "a workdir); pass --config.init_from=...")
   _one_of("init_params", config.init_params, ("ema", "online"))
+  check_student(config)
   if not config.data.path:
     raise LcmJaxError("config.data.path is empty: pass --config.data.path=...")
   for key in ("resolution", "batch_size", "grad_accum_steps", "num_train_steps", "checkpoint_every",
@@ -274,6 +294,29 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.sample_every and not config.sample_prompts:
     raise LcmJaxError("config.sample_prompts is empty but config.sample_every asks for sample grids")
   loss_config(config, guidance_embedding_dim=config.loss.guidance_embedding_dim)  # its own checks
+
+
+def check_student(config: ml_collections.ConfigDict) -> None:
+  """config.student and, for a LoRA student, config.lora (rank, alpha, targets) and the mode."""
+  _one_of("student", config.student, STUDENTS)
+  if config.student != "lora":
+    return
+  if config.mode != "lcd":
+    raise LcmJaxError(f"config.student='lora' distils an adapter from the teacher: it needs mode 'lcd', "
+                      f"got {config.mode!r}")
+  if config.init_from:
+    raise LcmJaxError("config.init_from is set, but a LoRA student starts from a fresh adapter on the "
+                      "teacher; leave init_from empty")
+  from lcm_jax.lora import lora_scale
+  try:
+    lora_scale(config.lora.rank, config.lora.alpha)
+  except LcmJaxError as e:
+    raise LcmJaxError(f"config.lora: {e}") from None
+  targets = config.lora.targets
+  if (isinstance(targets, str) or not isinstance(targets, (tuple, list)) or not targets
+      or any(not isinstance(t, str) or not t for t in targets)):
+    raise LcmJaxError(f"config.lora.targets must be a non-empty list of module names (e.g. "
+                      f"{', '.join(LORA_TARGETS[:3])}), got {targets!r}")
 
 
 def loss_config(config: ml_collections.ConfigDict, guidance_embedding_dim: int):

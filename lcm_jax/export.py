@@ -5,6 +5,7 @@ Examples:
   python -m lcm_jax.export --model runs/sd21_768 --output lcm-sd21/     # a training workdir
   python -m lcm_jax.export --model runs/sd21_768 --output lcm-sd21/ --overwrite   # replace it
   python -m lcm_jax.export --model runs/sd21_768 --output lcm-sd21/ --push_to_hub me/lcm-sd21
+  python -m lcm_jax.export --model runs/sd15_lcm_lora --lora-only --output lcm-lora-sd15/   # adapter only
 
 Every export writes <output>/README.md: a model card the Hugging Face Hub renders (base model,
 licence when known, the training settings and step of a workdir, and the diffusers snippet
@@ -38,6 +39,11 @@ def define_flags() -> None:
   cli.define_hub_flags(token_use="--push_to_hub and for a gated or private --model")
   flags.DEFINE_string("base_model", None, "The model card's base_model, for a folder or hub source (a workdir's "
                       "card names its teacher by itself).")
+  flags.DEFINE_bool("lora_only", False, "For the workdir of a LoRA run (config.student=lora): write only its "
+                    "adapter, <output>/pytorch_lora_weights.safetensors, in diffusers' format "
+                    "(StableDiffusionPipeline.load_lora_weights(<output>) loads it). Without it a LoRA run "
+                    "exports as a full pipeline with the adapter fused into the UNet.")
+  flags.DEFINE_alias("lora-only", "lora_only")
   flags.mark_flags_as_required(["model", "output"])
 
 
@@ -108,6 +114,9 @@ def main(argv: list[str]) -> None:
   if FLAGS.push_to_hub:
     check_repo_id(FLAGS.push_to_hub)
   start = time.perf_counter()
+  if FLAGS.lora_only:
+    export_lora_only(start)
+    return
   print(f"loading {FLAGS.model} ...", flush=True)
   pipe = load_pipeline(FLAGS.model, variant=FLAGS.variant, revision=FLAGS.revision, token=FLAGS.token,
                        params=FLAGS.params)
@@ -122,6 +131,16 @@ def main(argv: list[str]) -> None:
     url = push_folder(FLAGS.output, FLAGS.push_to_hub, token=FLAGS.token, private=FLAGS.private,
                       commit_message=f"Upload {os.path.basename(os.path.normpath(FLAGS.model))} exported with lcm-jax")
     print(f"pushed to {url}")
+
+
+def export_lora_only(start: float) -> None:
+  """--lora-only: the adapter of a LoRA run's checkpoint, in diffusers' LoRA format (and pushed)."""
+  from lcm_jax.workdir import export_lora
+  path = export_lora(FLAGS.model, FLAGS.output, params=FLAGS.params, dtype=FLAGS.dtype, overwrite=FLAGS.overwrite)
+  print(f"exported the LoRA adapter of {FLAGS.model} to {path} in {time.perf_counter() - start:.1f}s", flush=True)
+  if FLAGS.push_to_hub:
+    print(f"pushing {FLAGS.output} to {FLAGS.push_to_hub} ...", flush=True)
+    print(f"pushed to {push_folder(FLAGS.output, FLAGS.push_to_hub, token=FLAGS.token, private=FLAGS.private)}")
 
 
 if __name__ == "__main__":

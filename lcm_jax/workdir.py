@@ -8,7 +8,9 @@ Layout of a workdir (written by `python -m lcm_jax.train`):
                                weights: model_index.json, unet/config.json (with
                                time_cond_proj_dim), scheduler/ (LCMScheduler), and the base
                                pipeline's vae/, text_encoder/, tokenizer/ (hard links or copies)
-      model/lcm_jax.json       facts diffusers does not need (weights variant, teacher, mode)
+      model/lcm_jax.json       facts diffusers does not need (weights variant, teacher, mode; for
+                               a LoRA run: student "lora", the adapter's rank/alpha/targets and
+                               base_unet, the teacher's unet/ folder the adapter applies to)
       checkpoints/<step>/      Orbax (`lcm_jax.checkpoint`): params, target_params (EMA), train
                                (step, rng, optimiser state), config, data (iterator position)
       samples/step_XXXXXXX.png sample grids
@@ -18,6 +20,12 @@ Layout of a workdir (written by `python -m lcm_jax.train`):
 `load_pipeline_from_workdir(workdir)` makes a whole `lcm_jax.sd_pipeline.Pipeline` of it (UNet
 from the latest checkpoint), which `lcm_jax.sd_pipeline.save_pipeline` writes as a folder that
 diffusers' `LatentConsistencyModelPipeline.from_pretrained` loads.
+
+A LoRA run (config.student = "lora", LCM-LoRA) checkpoints only the adapter (params and
+target_params are `lcm_jax.lora` adapter trees); the base is the teacher's UNet, referenced
+from model/lcm_jax.json and never copied. Its model/ is a StableDiffusionPipeline folder (the
+UNet has no guidance input) with the LCMScheduler; `load_unet` returns the base with the
+adapter fused in, `load_lora` the adapter itself (`python -m lcm_jax.export --lora-only`).
 """
 
 from __future__ import annotations
@@ -138,7 +146,7 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 def write_model_folder(workdir: str, base_folder: str, base_model_index: Mapping[str, Any],
                        unet_config: Mapping[str, Any], scheduler_config: Mapping[str, Any],
-                       info: Mapping[str, Any]) -> str:
+                       info: Mapping[str, Any], pipeline_class: str | None = None) -> str:
   """Writes `workdir/model/`: everything of the trained pipeline except the UNet weights.
 
   Args:
@@ -148,6 +156,9 @@ def write_model_folder(workdir: str, base_folder: str, base_model_index: Mapping
     unet_config: the student's unet/config.json (with time_cond_proj_dim).
     scheduler_config: the LCMScheduler config (`lcm_scheduler_config`).
     info: extra facts kept in model/lcm_jax.json (e.g. the weights variant, the teacher).
+    pipeline_class: model_index.json's class; default LatentConsistencyModelPipeline (a UNet
+      with a guidance input). A LoRA run's UNet has none: StableDiffusionPipeline, whose
+      scheduler is then the LCMScheduler (diffusers' recipe for an LCM-LoRA).
   Returns:
     the folder's path.
   """
@@ -162,7 +173,7 @@ def write_model_folder(workdir: str, base_folder: str, base_model_index: Mapping
   index.update({name: list(base_model_index[name]) for name in ("vae", "text_encoder", "tokenizer")})
   # Components the LCM pipeline may take but we do not carry (the safety checker would need
   # the base pipeline's weights): null, so diffusers builds the pipeline without them.
-  index.update(_class_name="LatentConsistencyModelPipeline", unet=["diffusers", "UNet2DConditionModel"],
+  index.update(_class_name=pipeline_class or "LatentConsistencyModelPipeline", unet=["diffusers", "UNet2DConditionModel"],
                scheduler=["diffusers", "LCMScheduler"], safety_checker=[None, None],
                feature_extractor=[None, None], requires_safety_checker=False)
   for sub, name, content in (("", "model_index.json", index), ("unet", "config.json", unet_config),
@@ -184,7 +195,8 @@ def unet_config(workdir: str) -> dict:
 
 def load_unet(workdir: str, params: str = "ema", step: int | None = None, *, dtype=jnp.float32,
               sharding: Callable[[Any], Any] | None = None) -> tuple[dict, dict]:
-  """The student UNet of a workdir's latest (or `step`) checkpoint.
+  """The student UNet of a workdir's latest (or `step`) checkpoint (of a LoRA run: the base
+  UNet with the checkpoint's adapter fused in, `load_lora`).
 
   Args:
     params: "ema" (the EMA target theta-, what the paper samples with) or "online" (the
@@ -204,8 +216,62 @@ def load_unet(workdir: str, params: str = "ema", step: int | None = None, *, dty
   abstract = abstract_params(build_module("unet", config, param_dtype=dtype))
   shardings = (sharding(abstract) if sharding is not None
                else jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.local_devices()[0]), abstract))
+  if is_lora_run(workdir):
+    from lcm_jax.lora import merge
+    adapters, scale, base = load_lora(workdir, params, step, with_base=True, dtype=dtype)
+    return config, jax.jit(merge, static_argnums=2, out_shardings=shardings)(base, adapters, scale)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, dtype, sharding=s), abstract, shardings)
   return config, checkpoint.restore_params(checkpoint_dir(workdir), abstract, params, step)
+
+
+def is_lora_run(workdir: str) -> bool:
+  """True for the workdir of a LoRA student (config.student = "lora"): its checkpoints hold an
+  adapter, and model/lcm_jax.json names the base UNet folder (the teacher's)."""
+  return is_workdir(workdir) and model_info(workdir).get("student") == "lora"
+
+
+def base_unet_folder(workdir: str) -> str:
+  """The base UNet folder of a LoRA run (the teacher's unet/, as model/lcm_jax.json records it;
+  if it has moved, the teacher's name is resolved again)."""
+  info = model_info(workdir)
+  folder = info.get("base_unet") or ""
+  if os.path.isfile(os.path.join(folder, "config.json")):
+    return folder
+  if info.get("teacher"):
+    from lcm_jax.sd_pipeline import resolve_pipeline_folder
+    teacher = os.path.join(resolve_pipeline_folder(info["teacher"], variant=info.get("variant") or None), "unet")
+    if os.path.isfile(os.path.join(teacher, "config.json")):
+      return teacher
+  raise LcmJaxError(f"{workdir} is a LoRA run on the base UNet {folder or '?'} (its teacher "
+                    f"{info.get('teacher')!r}), which is no longer there; the workdir holds only the adapter")
+
+
+def load_lora(workdir: str, params: str = "ema", step: int | None = None, *, with_base: bool = False,
+              dtype=jnp.float32):
+  """The adapter of a LoRA run's latest (or `step`) checkpoint: (adapters, scale alpha / rank),
+  and with `with_base` the base UNet's parameters (`dtype`) as well, on this process's first device.
+
+  Raises:
+    LcmJaxError if `workdir` is not the workdir of a LoRA run.
+  """
+  from lcm_jax.lora import abstract_lora, lora_scale
+  from lcm_jax.sd_pipeline import load_component
+  if not is_lora_run(workdir):
+    raise LcmJaxError(f"{workdir} is not the workdir of a LoRA run (config.student = 'lora'): it has no adapter "
+                      "to export or load; export its full UNet without --lora-only")
+  settings = model_info(workdir)["lora"]
+  config = unet_config(workdir)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  base_abstract = abstract_params(build_module("unet", config, param_dtype=dtype))
+  abstract = abstract_lora(base_abstract, int(settings["rank"]), tuple(settings["targets"]))
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=device), abstract)
+  adapters = checkpoint.restore_params(checkpoint_dir(workdir), abstract, params, step)
+  scale = lora_scale(int(settings["rank"]), float(settings["alpha"]))
+  if not with_base:
+    return adapters, scale
+  _, base, _ = load_component(base_unet_folder(workdir), "unet", param_dtype=dtype,
+                              variant=model_info(workdir).get("variant") or None)
+  return adapters, scale, base
 
 
 def load_pipeline_from_workdir(workdir: str, params: str = "ema", step: int | None = None, *,
@@ -220,3 +286,26 @@ def load_pipeline_from_workdir(workdir: str, params: str = "ema", step: int | No
   pipe.params["unet"] = unet_params
   pipe.configs["unet"] = config
   return pipe
+
+
+def export_lora(workdir: str, output: str, *, params: str = "ema", dtype: str = "fp32",
+                overwrite: bool = False) -> str:
+  """Writes the adapter of a LoRA run's latest checkpoint as `output/pytorch_lora_weights.safetensors`
+  (diffusers' format, alpha / rank folded into B: `python -m lcm_jax.export --lora-only`).
+
+  Args:
+    params: "ema" (the target adapter) or "online" (the student's).
+    dtype: "fp32", "fp16" or "bf16".
+    overwrite: replace a non-empty `output` folder.
+  Returns:
+    the file's path.
+  """
+  from lcm_jax.lora import save_diffusers_lora
+  from lcm_jax.sd_pipeline import EXPORT_DTYPES, check_output_folder
+  if dtype not in EXPORT_DTYPES:
+    raise LcmJaxError(f"unknown export dtype {dtype!r}; choose from {', '.join(EXPORT_DTYPES)}")
+  check_output_folder(output, overwrite)
+  adapters, scale = load_lora(os.path.expanduser(workdir), params)
+  if overwrite and os.path.isdir(output):
+    shutil.rmtree(output)
+  return save_diffusers_lora(output, adapters, scale, dtype=EXPORT_DTYPES[dtype])

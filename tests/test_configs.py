@@ -21,7 +21,8 @@ def _filled(config):
   """What a user passes on the command line for a config that leaves it empty."""
   with config.unlocked():
     config.teacher = config.teacher or "teacher-folder"
-    config.init_from = config.init_from or "lcm-folder"
+    if config.student == "full":  # a LoRA student starts from the teacher, never from init_from
+      config.init_from = config.init_from or "lcm-folder"
     config.data.path = config.data.path or "data-folder"
   return config
 
@@ -31,7 +32,7 @@ def test_config_passes_the_checks(name):
   config_lib.check_config(_filled(importlib.import_module(f"configs.{name}").get_config()))
 
 
-@pytest.mark.parametrize("name", ["lcf", "sd15_lcm", "sd21_768", "sd21_base_512"])
+@pytest.mark.parametrize("name", ["lcf", "sd15_lcm", "sd15_lcm_lora", "sd21_768", "sd21_base_512"])
 def test_runlocal_shrinks_to_a_valid_cpu_run(name):
   local = _filled(importlib.import_module(f"configs.{name}").get_config("runlocal"))
   config_lib.check_config(local)

@@ -226,7 +226,7 @@ def train_autoencoder(images: np.ndarray, recipe: Recipe, log: Callable[..., Non
   from lcm_jax.models.vae import AutoencoderKL
   module = build_module("vae", VAE_CONFIG)
   key_init, key_train = jax.random.split(jax.random.key(recipe.seed + 1))
-  params = module.init(key_init, *module.dummy_inputs())["params"]
+  params = module.init(key_init, *module.dummy_inputs())["params"] if init_params is None else init_params
   optimizer = optax.adam(_cosine(recipe.vae_lr, recipe.vae_steps, 100))
   opt_state = optimizer.init(params)
 
@@ -276,8 +276,9 @@ def latent_scaling_factor(mean: np.ndarray, logvar: np.ndarray, seed: int) -> fl
 
 def train_unet(latent_mean: np.ndarray, latent_logvar: np.ndarray, scaling_factor: float,
                caption_ids: np.ndarray, contexts: np.ndarray, uncond_context: np.ndarray,
-               recipe: Recipe, log: Callable[..., None] = _progress):
-  """Trains the epsilon-prediction UNet with caption dropout.
+               recipe: Recipe, log: Callable[..., None] = _progress, init_params=None):
+  """Trains the epsilon-prediction UNet with caption dropout (from `init_params` if given: a
+  fine-tune, lcm_jax.toy.finetune; else from a fresh initialisation).
 
   Args:
     latent_mean, latent_logvar: [N, h, w, C] VAE posteriors of the training images.
@@ -290,7 +291,7 @@ def train_unet(latent_mean: np.ndarray, latent_logvar: np.ndarray, scaling_facto
   module = build_module("unet", UNET_CONFIG)
   schedule = schedule_from_config(SCHEDULER_CONFIG)
   key_init, key_train = jax.random.split(jax.random.key(recipe.seed + 2))
-  params = module.init(key_init, *module.dummy_inputs())["params"]
+  params = module.init(key_init, *module.dummy_inputs())["params"] if init_params is None else init_params
   optimizer = optax.chain(optax.clip_by_global_norm(1.0),
                           optax.adamw(_cosine(recipe.unet_lr, recipe.unet_steps, recipe.warmup_steps),
                                       weight_decay=1e-2))

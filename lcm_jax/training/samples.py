@@ -11,6 +11,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
+from lcm_jax import lora
 from lcm_jax import workdir as workdir_lib
 from lcm_jax.figures import rows_by_columns, save_png
 from lcm_jax.sd_pipeline import Pipeline, build_module
@@ -38,13 +39,18 @@ def sample_grid(text_to_image: TextToImage, prompts, steps, guidance_scale: floa
 
 class SampleWriter:
   """`writer(step, target_params)` samples the EMA target with the LCM sampler on process 0,
-  writes WORKDIR/samples/step_XXXXXXX.png and logs the grid to TensorBoard."""
+  writes WORKDIR/samples/step_XXXXXXX.png and logs the grid to TensorBoard. A LoRA student's
+  target is an adapter: it is added to the frozen teacher at scale alpha / rank."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, frozen, tokenizer, unet_config: dict,
                vae_config: dict, scheduler_config: dict, metric_writer, is_main: bool, log):
     self.config, self.workdir, self.metric_writer, self.log = config, workdir, metric_writer, log
     params = {"vae": to_sampling_device(frozen.vae_params),  # every process: it may all-gather
               "text_encoder": to_sampling_device(frozen.text_params)}
+    self.lora_base = self.lora_scale = None
+    if config.get("student") == "lora":  # the target is an adapter on the frozen teacher
+      self.lora_base = to_sampling_device(frozen.arrays["teacher"])
+      self.lora_scale = lora.lora_scale(int(config.lora.rank), float(config.lora.alpha))
     self.text_to_image = None
     if is_main:
       dtype = jax.numpy.dtype
@@ -59,7 +65,11 @@ class SampleWriter:
     if self.text_to_image is None:
       return
     start = time.perf_counter()
-    self.text_to_image.pipe.params["unet"] = target
+    if self.lora_scale is None:
+      self.text_to_image.pipe.params["unet"] = target
+    else:  # added to the teacher inside the sampler's compiled function
+      self.text_to_image.pipe.params["unet"] = self.lora_base
+      self.text_to_image.pipe.unet_loras = [(target, self.lora_scale)]
     c = self.config
     grid = sample_grid(self.text_to_image, c.sample_prompts, c.sample_steps, c.sample_guidance_scale, c.resolution)
     path = os.path.join(self.workdir, workdir_lib.SAMPLES_DIR, f"step_{step:07d}.png")

@@ -29,7 +29,8 @@ class Sources:
     teacher: the folder of the teacher UNet (LCD) or None.
     init_folder: an LCM pipeline folder to start the student from, or None.
     init_workdir: a workdir to start the student from, or None.
-    student_unet_config: the student's unet config (with time_cond_proj_dim).
+    student_unet_config: the student's unet config (with time_cond_proj_dim; a LoRA student's
+      is the teacher's, without).
     vae_config: the VAE config of `base`.
     scheduler_config: the scheduler config of `base` (the noise schedule).
   """
@@ -65,11 +66,14 @@ def resolve_sources(config: ml_collections.ConfigDict) -> Sources:
   elif init_folder:
     student_config = read_json(os.path.join(init_folder, "unet", "config.json"))
     init_base, init_variant = init_folder, None
+  elif config.get("student") == "lora":  # LCM-LoRA: the teacher's UNet (plus an adapter), no guidance input
+    student_config = dict(read_json(os.path.join(teacher, "unet", "config.json")), time_cond_proj_dim=None)
+    init_base = init_variant = None
   else:
     student_config = dict(read_json(os.path.join(teacher, "unet", "config.json")),
                           time_cond_proj_dim=int(config.loss.guidance_embedding_dim))
     init_base = init_variant = None
-  if not student_config.get("time_cond_proj_dim"):
+  if not student_config.get("time_cond_proj_dim") and config.get("student") != "lora":
     raise LcmJaxError(f"config.init_from={config.init_from!r} is not an LCM: its UNet config has no "
                       "time_cond_proj_dim (the guidance input); distil it with mode=lcd first")
   base, base_variant = (teacher, variant) if teacher else (init_base, init_variant)

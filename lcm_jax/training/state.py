@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from lcm_jax import checkpoint
+from lcm_jax import checkpoint, lora
 from lcm_jax import workdir as workdir_lib
 from lcm_jax.losses import student_params_from_teacher
 from lcm_jax.sd_pipeline import abstract_params, build_module
@@ -30,19 +30,30 @@ from lcm_jax.training.sources import Sources
 @dataclasses.dataclass
 class Student:
   """The student UNet: module (compute dtype, fp32 master weights), abstract parameters and
-  their shardings on the mesh."""
+  their shardings on the mesh.
+
+  A LoRA student (config.student = "lora") is the teacher's UNet plus an adapter: `abstract`
+  and `shardings` are the adapter's (`lcm_jax.lora.abstract_lora`), the only trained
+  parameters (and the only ones in the optimiser state, the target and the checkpoints);
+  the base is the frozen teacher's parameters; `lora_scale` is alpha / rank (None for a
+  full student).
+  """
   module: Any
   abstract: Any
   shardings: Any
+  lora_scale: float | None = None
 
 
 def build_student(config: ml_collections.ConfigDict, sources: Sources, mesh: jax.sharding.Mesh) -> Student:
   module = build_module("unet", sources.student_unet_config, dtype=jnp.dtype(config.precision.compute_dtype),
                         param_dtype=jnp.float32, remat=config.remat,
                         attention=config.attention)
-  abstract = abstract_params(module)
+  abstract, scale = abstract_params(module), None
+  if config.get("student") == "lora":
+    abstract = lora.abstract_lora(abstract, int(config.lora.rank), tuple(config.lora.targets))
+    scale = lora.lora_scale(int(config.lora.rank), float(config.lora.alpha))
   return Student(module=module, abstract=abstract,
-                 shardings=param_shardings(abstract, mesh, rules=tuple(config.mesh.rules)))
+                 shardings=param_shardings(abstract, mesh, rules=tuple(config.mesh.rules)), lora_scale=scale)
 
 
 def build_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -72,9 +83,13 @@ def restore_state(manager, config: ml_collections.ConfigDict, student: Student, 
 def fresh_state(config: ml_collections.ConfigDict, sources: Sources, student: Student, frozen: FrozenModels,
                 optimizer, state_shardings, mesh: jax.sharding.Mesh) -> TrainState:
   """A new train state: the student starts from `config.init_from` (a workdir or an LCM
-  folder) or as a copy of the teacher with the new guidance input (`loss.cond_proj_init`)."""
+  folder) or as a copy of the teacher with the new guidance input (`loss.cond_proj_init`);
+  a LoRA student as a fresh adapter (`lcm_jax.lora.init_lora`)."""
   rng = jax.random.PRNGKey(config.seed)
-  if sources.init_workdir:
+  if student.lora_scale is not None:  # PEFT's init (B = 0): the student starts as the teacher
+    init_params = lora.init_lora(jax.random.fold_in(rng, 1), frozen.arrays["teacher"], int(config.lora.rank),
+                                 tuple(config.lora.targets))
+  elif sources.init_workdir:
     _, init_params = workdir_lib.load_unet(sources.init_workdir, config.init_params,
                                            sharding=lambda abstract: student.shardings)
   elif sources.init_folder:

@@ -151,7 +151,7 @@ def plan_run(config: ml_collections.ConfigDict, workdir: str) -> RunPlan:
   mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
   check_batch_size(config.batch_size, mesh, config.grad_accum_steps)
   schedule = schedule_from_config(sources.scheduler_config)
-  loss_config(config, int(sources.student_unet_config["time_cond_proj_dim"]))  # checks the loss against the model
+  loss_config(config, guidance_dim(config, sources.student_unet_config))  # checks the loss against the model
   config_json = json.loads(config.to_json_best_effort())
   resume_step = workdir_lib.latest_step(workdir)
   log = console(jax.process_index() == 0, workdir)
@@ -218,7 +218,25 @@ def write_workdir(plan: RunPlan) -> None:
     workdir_lib.write_model_folder(
         plan.workdir, sources.base, sources.model_index, sources.student_unet_config, lcm_scheduler_of(plan),
         info={"variant": sources.base_variant, "teacher": config.teacher, "init_from": config.init_from,
-              "mode": config.mode})
+              "mode": config.mode, **lora_info(config, sources)},
+        pipeline_class="StableDiffusionPipeline" if config.get("student") == "lora" else None)
+
+
+def lora_info(config: ml_collections.ConfigDict, sources: Sources) -> dict:
+  """model/lcm_jax.json's facts about a LoRA student: the adapter's settings and the base UNet
+  folder (the teacher's; its weights are not copied into the workdir)."""
+  if config.get("student") != "lora":
+    return {}
+  return {"student": "lora", "base_unet": os.path.abspath(os.path.join(sources.teacher, "unet")),
+          "lora": {"rank": int(config.lora.rank), "alpha": float(config.lora.alpha),
+                   "targets": list(config.lora.targets)}}
+
+
+def guidance_dim(config: ml_collections.ConfigDict, unet_config) -> int:
+  """The guidance embedding's width: the student UNet's time_cond_proj_dim (a LoRA student has
+  none: the loss draws omega but its embedding is not used, so config.loss's width)."""
+  dim = unet_config["time_cond_proj_dim"] if isinstance(unet_config, dict) else unet_config.time_cond_proj_dim
+  return int(dim) if dim else int(config.loss.guidance_embedding_dim)
 
 
 def unet_apply(module):
@@ -234,8 +252,9 @@ def make_step(config: ml_collections.ConfigDict, schedule: Schedule, mesh: jax.s
   on abstract arrays too (`lcm_jax.bench.memory_plan` compiles it without weights)."""
   unet_config = student.module.config
   consistency_loss = make_loss_fn(config.mode, unet_apply(student.module), schedule,
-                                  loss_config(config, int(unet_config.time_cond_proj_dim)),
-                                  unet_apply(frozen.teacher) if frozen.teacher is not None else None)
+                                  loss_config(config, guidance_dim(config, unet_config)),
+                                  unet_apply(frozen.teacher) if frozen.teacher is not None else None,
+                                  lora_scale=student.lora_scale)
   prepare = make_batch_preparation(frozen.vae, frozen.text_encoder, frozen.scaling_factor)
 
   def loss_fn(student_params, target_params, frozen_arrays, batch, rng):
