@@ -41,7 +41,8 @@ def _with_parameters(nb, overrides: dict):
 def _run(name: str, overrides: dict, cwd) -> nbformat.NotebookNode:
   nb = _with_parameters(nbformat.read(os.path.join(COLAB, name), as_version=4), overrides)
   env_before = dict(os.environ)
-  os.environ.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", MPLBACKEND="Agg")
+  os.environ.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
+  os.environ.pop("MPLBACKEND", None)  # the kernel's inline backend: plots become outputs
   try:
     NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}).execute()
   finally:
