@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CORE_STAMP := $(VENV)/.installed-core
 
-.PHONY: test test-fast demo toy-table install clean
+.PHONY: test test-fast demo toy-table toy-guided-distill toy-figure4 toy-figure3 toy-lcf-anchor toy-ablations install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,40 @@ toy-table: demo
 	$(PY) -m lcm_jax.toy.evaluate --lcm workdirs/toy --output docs/toy/lcf_before --domain shifted --samplers lcm --steps 1,2,4,8 --reference_steps 0 --cache_dir workdirs/toy_eval/lcf_before
 	$(PY) -m lcm_jax.train --config=configs/toy.py:lcf --workdir=workdirs/toy_lcf
 	$(PY) -m lcm_jax.toy.evaluate --lcm workdirs/toy_lcf --output docs/toy/lcf_after --domain shifted --samplers lcm --steps 1,2,4,8 --reference_steps 0 --cache_dir workdirs/toy_eval/lcf_after
+
+# The rest of the paper at toy scale (README, "The toy reproduction"; issue 14). Each target
+# resumes its training runs and skips cached cells, so a rerun only does what is missing.
+# Guided-Distill (Table 1's fifth row) at the LCM row's compute: 1000 steps at batch 32, then the
+# five-row table (the four rows above plus its row, each N-step cell from the end of its round).
+toy-guided-distill: demo
+	$(PY) -m lcm_jax.train --config=configs/toy.py:guided_distill --workdir=workdirs/toy_gd
+	$(PY) -m lcm_jax.toy.evaluate --lcm workdirs/toy --guided_distill workdirs/toy_gd \
+	  --samplers ddim,dpm_solver,dpm_solver_pp,guided_distill,lcm --output docs/toy/table1 --cache_dir workdirs/toy_eval/table1
+
+# Figure 4: the demo's LCM at w in {1, 2, 4, 6, 8, 10, 14} x {1, 2, 4, 8} steps (sampling only).
+toy-figure4: demo
+	$(PY) -m lcm_jax.toy.ablations --figure 4 --lcm workdirs/toy --num_samples 500 --output docs/toy/figure4 \
+	  --cache_dir workdirs/toy_eval/figure4
+
+# Figure 3: 12 LCD runs (3 solvers x k in {1, 5, 20, 50}), 4-step FID every 200 of 600 steps.
+toy-figure3: demo
+	$(PY) -m lcm_jax.toy.ablations --figure 3 --output docs/toy/figure3 --workdir_root workdirs/fig3 \
+	  --train_steps 600 --eval_every 200 --num_samples 500 --cache_dir workdirs/toy_eval/figure3
+
+# LCF with data-anchored targets (a quarter of each batch targets the data itself) on half
+# shifted-colour, half teacher-colour images, scored at 1-8 steps on the shifted colours and on
+# the teacher's (forgetting), with the per-t colour probe.
+toy-lcf-anchor: demo
+	$(PY) -m lcm_jax.toy.domain --output workdirs/toy_data/mixed/shifted --num_images 4000 --colours shifted --seed 5
+	$(PY) -m lcm_jax.toy.domain --output workdirs/toy_data/mixed/teacher --num_images 4000 --colours teacher
+	$(PY) -m lcm_jax.train --config=configs/toy.py:lcf,lcf_anchor=0.25,lcf_data=mixed --workdir=workdirs/toy_lcf_mixed \
+	  --config.num_train_steps=1000 --config.checkpoint_every=500 --config.sample_every=0
+	for d in shifted teacher; do $(PY) -m lcm_jax.toy.evaluate --lcm workdirs/toy_lcf_mixed --domain $$d \
+	  --output docs/toy/lcf_anchor/mixed_$$d --samplers lcm --steps 1,2,4,8 --reference_steps 0 --num_samples 500 \
+	  --cache_dir workdirs/toy_eval/lcf_mixed_$$d || exit 1; done
+	$(PY) -m lcm_jax.toy.lcf_probe --lcm workdirs/toy_lcf_mixed --domain shifted --output docs/toy/lcf_anchor/probe_mixed.json
+
+toy-ablations: toy-guided-distill toy-figure4 toy-lcf-anchor toy-figure3
 
 clean:
 	rm -rf $(VENV) build *.egg-info

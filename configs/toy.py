@@ -4,7 +4,9 @@ r"""The toy reproduction: distil the shipped toy teacher on its 32x32 shapes dom
     python -m lcm_jax.toy.domain --output workdirs/toy_data/teacher --num_images 8000
     python -m lcm_jax.train --config=configs/toy.py --workdir=workdirs/toy
 
-`make demo` runs exactly this (lcm_jax/toy/demo.py writes the data; lcm_jax/toy/README.md). The arg `lcf` gives latent
+`make demo` runs exactly this (lcm_jax/toy/demo.py writes the data; lcm_jax/toy/README.md). The arg
+`guided_distill` trains Table 1's Guided-Distill baseline at the same compute
+(`--config=configs/toy.py:guided_distill --workdir=workdirs/toy_gd`). The arg `lcf` gives latent
 consistency fine-tuning of that LCM on the shifted sub-domain (colours the teacher never saw):
 
     python -m lcm_jax.toy.domain --output workdirs/toy_data/shifted --num_images 4000 --colours shifted --seed 5
@@ -39,7 +41,7 @@ SAMPLE_PROMPTS = (
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, lcf=False)
+  arg = config_lib.parse_arg(arg, lcf=False, guided_distill=False, lcf_anchor=0.0, lcf_data="shifted")
   c = config_lib.cpu_settings(config_lib.base_config())
   c.teacher = TEACHER_DIR
   c.data.path = "workdirs/toy_data/teacher"
@@ -56,12 +58,30 @@ def get_config(arg=None):
   c.sample_every = 1000
   c.sample_prompts = SAMPLE_PROMPTS
   c.sample_guidance_scale = 9.0  # omega = 8, the paper's evaluation setting
+  if arg.guided_distill:
+    # Table 1's Guided-Distill row (lcm_jax.guided_distill) at the LCM row's compute: the same
+    # teacher, data, batch (32), learning rate and 1000 steps, each step two teacher UNet calls
+    # and one student forward/backward (LCD: two teacher calls, the target and the student).
+    # Stage 1 (w-conditioned student, omega ~ U[2, 14] as LCD) 250 steps, then 5 rounds of 150
+    # (32 -> 16 -> 8 -> 4 -> 2 -> 1 DDIM steps). A checkpoint every 50 steps keeps the end of
+    # every round: the N-step student is the checkpoint `GuidedDistillConfig.checkpoint_step(N)`
+    # (8: 550, 4: 700, 2: 850, 1: 1000). ema_decay is not used: the target is each round's
+    # frozen teacher.
+    c.mode = "guided_distill"
+    c.guided_distill.stage1_steps = 250
+    c.guided_distill.round_steps = 150
+    c.guided_distill.initial_steps = 32
+    c.checkpoint_every = 50
+    c.keep_checkpoints = 20
+    c.sample_every = 0  # the grids use the LCM sampler, not this model's
   if arg.lcf:
     # Algorithm 4: no teacher; the VAE, text encoder and tokenizer come from the LCM's workdir.
     c.mode = "lcf"
     c.teacher = ""
     c.init_from = "workdirs/toy"
-    c.data.path = "workdirs/toy_data/shifted"
+    # `lcf_data=mixed`: workdirs/toy_data/mixed holds 4000 shifted-colour images (shifted/) and
+    # 4000 of the teacher's (teacher/), so the old colours are fine-tuned too (forgetting).
+    c.data.path = f"workdirs/toy_data/{arg.lcf_data}"
     # LCF has no teacher: the data enters only at the t -> 0 boundary and reaches large t one
     # skipping interval per target update, so here the target must follow the student
     # quickly. Measured (500 shifted prompts, 4-step alignment): EMA 0.995 and 400 steps
@@ -71,6 +91,11 @@ def get_config(arg=None):
     c.num_train_steps = 3000
     c.checkpoint_every = 1000
     c.sample_every = 3000
+    # `lcf,lcf_anchor=P` (not the paper's Algorithm 4, which is P = 0): a share P of each
+    # batch takes the data latent itself as its target (a skip all the way to the boundary,
+    # f(z, 0) = z), so the new data reaches every t directly instead of one skipping interval
+    # per target update (README, "LCF"; lcm_jax.losses.ConsistencyLossConfig.lcf_data_anchor).
+    c.loss.lcf_data_anchor = arg.lcf_anchor
     c.sample_prompts = (
         "a orange circle on the left on a blue background",
         "a purple triangle at the top on a black background",

@@ -33,7 +33,8 @@ from lcm_jax.models.attention import BACKENDS as ATTENTION_BACKENDS
 from lcm_jax.sharding import DEFAULT_RULES
 
 DTYPES = ("float32", "bfloat16", "float16")
-MODES = ("lcd", "lcf")
+MODES = ("lcd", "lcf", "guided_distill")
+TEACHER_MODES = ("lcd", "guided_distill")  # modes that distil config.teacher
 UNCONDS = ("empty_prompt", "zeros")
 STUDENTS = ("full", "lora")
 
@@ -58,7 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
                             # from HF_TOKEN or `hf auth login`, never the config (saved in the workdir)
   c.init_from = ""          # optional: an LCM pipeline folder or a workdir to start the student from
   c.init_params = "ema"     # which parameters of an init_from workdir: "ema" or "online"
-  c.mode = "lcd"            # "lcd" (distillation, Algorithm 1) or "lcf" (fine-tuning, Algorithm 4)
+  c.mode = "lcd"            # "lcd" (Algorithm 1), "lcf" (Algorithm 4) or "guided_distill" (lcm_jax.guided_distill)
   c.student = "full"        # "full", or "lora": LCM-LoRA, the frozen teacher + an adapter (lcd only)
   c.lora = lora_defaults()  # rank, alpha, targets of a LoRA student
   c.data = default_data_config()  # path, format, center_crop, random_flip, ... (lcm_jax.data)
@@ -77,10 +78,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.distance = "l2"          # "l2" or "huber" (pseudo-Huber); diffusers' default is l2
   c.loss.huber_c = 0.001          # diffusers
   c.loss.caption_dropout = 0.0    # diffusers parses --proportion_empty_prompts but applies 0
+  c.loss.lcf_data_anchor = 0.0    # LCF: share of samples whose target is the data itself (0: Algorithm 4)
   c.loss.uncond = "empty_prompt"  # unconditional context: the empty prompt's embedding, or "zeros"
   c.loss.cond_proj_init = "zeros" # the student's new guidance input: "zeros" or "torch_default"
   c.loss.guidance_embedding_dim = 256  # time_cond_proj_dim of the student (LCM checkpoints: 256)
   c.loss.timestep_scaling = 10.0  # boundary scalings c_skip/c_out at s = 10 t (diffusers, LCMScheduler)
+
+  c.guided_distill = guided_distill_defaults()  # mode "guided_distill" only
 
   # AdamW after global-norm clipping (lcm_jax.train_step.make_optimizer).
   c.optimizer = ml_collections.ConfigDict()
@@ -132,6 +136,18 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def guided_distill_defaults() -> ml_collections.ConfigDict:
+  """Guided-Distill (mode "guided_distill", lcm_jax.guided_distill.GuidedDistillConfig): stage 1
+  (w-conditioned student of the guided teacher) for stage1_steps, then log2(initial_steps)
+  progressive-distillation rounds of round_steps each, halving the DDIM steps down to 1;
+  num_train_steps must be their sum. omega ~ U[loss.omega_min, loss.omega_max]."""
+  g = ml_collections.ConfigDict()
+  g.stage1_steps = 250
+  g.round_steps = 150
+  g.initial_steps = 32
+  return g
+
+
 def lora_defaults() -> ml_collections.ConfigDict:
   """config.lora: the adapter of a LoRA student (config.student = "lora"; LCM-LoRA, Luo et al.
   2023, arXiv 2311.05556): the frozen teacher plus alpha / rank x A @ B on the `targets`
@@ -163,14 +179,25 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
   return out
 
 
+def _later_key_defaults() -> dict[str, Any]:
+  """The defaults, flattened as in a saved config, of keys added after the first releases (a
+  workdir saved before them ran with these values)."""
+  import json
+  flat = _flatten(json.loads(base_config().to_json_best_effort()))
+  return {k: v for k, v in flat.items() if k.startswith("guided_distill.") or k == "loss.lcf_data_anchor"}
+
+
 def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> tuple[list[str], list[str]]:
   """(safe, unsafe) descriptions "key: old -> new" of the leaves that differ between two JSON
   configs; safe ones are in RESUME_SAFE_KEYS."""
   old, new = _flatten(saved), _flatten(current)
   safe, unsafe = [], []
+  later_defaults = _later_key_defaults()
   for key in sorted(set(old) | set(new)):
     if key not in old and new[key] == "":
       continue  # a key added to the configs after the run started, left at its empty default
+    if key not in old and new[key] == later_defaults.get(key, ()):
+      continue  # a key added to the configs after the run started, at its default (what the run used)
     if key not in old and (key == "student" and new[key] == "full" or key.startswith("lora.")
                            and old.get("student", "full") == "full"):
       continue  # a run from before LoRA students: a full student, to which lora.* mean nothing
@@ -271,8 +298,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if unknown:
     raise LcmJaxError(f"the config has keys the trainer does not know: {', '.join(unknown)} (a typo?)")
   _one_of("mode", config.mode, MODES)
-  if config.mode == "lcd" and not config.teacher:
-    raise LcmJaxError("config.teacher is empty: LCD needs a teacher (a diffusers pipeline folder or "
+  if config.mode in TEACHER_MODES and not config.teacher:
+    raise LcmJaxError(f"config.teacher is empty: {config.mode} needs a teacher (a diffusers pipeline folder or "
                       "hub id); pass --config.teacher=...")
   if config.mode == "lcf" and not config.init_from:
     raise LcmJaxError("config.init_from is empty: LCF fine-tunes an existing LCM (a pipeline folder or "
@@ -294,6 +321,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.sample_every and not config.sample_prompts:
     raise LcmJaxError("config.sample_prompts is empty but config.sample_every asks for sample grids")
   loss_config(config, guidance_embedding_dim=config.loss.guidance_embedding_dim)  # its own checks
+  if config.mode == "guided_distill":
+    gd = guided_distill_config(config, config.loss.guidance_embedding_dim)  # its own checks
+    if config.num_train_steps != gd.total_steps:
+      raise LcmJaxError(f"config.num_train_steps={config.num_train_steps} must be guided_distill.stage1_steps + "
+                        f"log2(initial_steps) x round_steps = {gd.total_steps} (stage 1 and {gd.num_rounds} rounds)")
 
 
 def check_student(config: ml_collections.ConfigDict) -> None:
@@ -319,6 +351,15 @@ def check_student(config: ml_collections.ConfigDict) -> None:
                       f"{', '.join(LORA_TARGETS[:3])}), got {targets!r}")
 
 
+def guided_distill_config(config: ml_collections.ConfigDict, guidance_embedding_dim: int):
+  """The `lcm_jax.guided_distill.GuidedDistillConfig` of `config.guided_distill` and the omega range."""
+  from lcm_jax.guided_distill import GuidedDistillConfig
+  g = config.guided_distill
+  return GuidedDistillConfig(stage1_steps=g.stage1_steps, round_steps=g.round_steps, initial_steps=g.initial_steps,
+                             omega_min=config.loss.omega_min, omega_max=config.loss.omega_max,
+                             guidance_embedding_dim=guidance_embedding_dim)
+
+
 def loss_config(config: ml_collections.ConfigDict, guidance_embedding_dim: int):
   """The `lcm_jax.losses.ConsistencyLossConfig` of `config.loss` (validated by its constructor)."""
   from lcm_jax.losses import ConsistencyLossConfig
@@ -326,4 +367,5 @@ def loss_config(config: ml_collections.ConfigDict, guidance_embedding_dim: int):
   return ConsistencyLossConfig(
       solver=c.solver, skipping_step=c.skipping_step, omega_min=c.omega_min, omega_max=c.omega_max,
       distance=c.distance, huber_c=c.huber_c, timestep_scaling=c.timestep_scaling,
-      guidance_embedding_dim=guidance_embedding_dim, caption_dropout=c.caption_dropout)
+      guidance_embedding_dim=guidance_embedding_dim, caption_dropout=c.caption_dropout,
+      lcf_data_anchor=c.get("lcf_data_anchor", 0.0))

@@ -59,6 +59,9 @@ class ConsistencyLossConfig:
     guidance_embedding_dim: the student's time_cond_proj_dim.
     caption_dropout: proportion of samples whose caption is replaced by the unconditional
       context (for LCD the teacher then sees no caption either, so guidance is a no-op).
+    lcf_data_anchor: LCF only: the proportion of samples whose target is the data latent z
+      itself, f(z, 0) = z by the boundary condition, instead of f_theta-(z_{t_n}) (a skip all
+      the way to the data; 0 is Algorithm 4).
   """
   solver: str = "ddim"
   skipping_step: int = 20
@@ -70,12 +73,15 @@ class ConsistencyLossConfig:
   sigma_data: float = SIGMA_DATA
   guidance_embedding_dim: int = 256
   caption_dropout: float = 0.0
+  lcf_data_anchor: float = 0.0
 
   def __post_init__(self):
     if self.solver not in SOLVERS:
       raise LcmJaxError(f"unknown solver {self.solver!r}; choose from {', '.join(SOLVERS)}")
     if self.distance not in DISTANCES:
       raise LcmJaxError(f"unknown distance {self.distance!r}; choose from {', '.join(DISTANCES)}")
+    if not 0.0 <= self.lcf_data_anchor <= 1.0:
+      raise LcmJaxError(f"lcf_data_anchor={self.lcf_data_anchor} must be in [0, 1]")
     if not 0.0 <= self.caption_dropout < 1.0:
       raise LcmJaxError(f"caption_dropout={self.caption_dropout} must be in [0, 1)")
     if self.omega_min > self.omega_max:
@@ -192,16 +198,20 @@ def lcd_terms(student_apply: ApplyFn, teacher_apply: ApplyFn, schedule: Schedule
 
 def lcf_terms(student_apply: ApplyFn, schedule: Schedule, config: ConsistencyLossConfig, student_params,
               target_params, latents: jax.Array, context: jax.Array, uncond_context: jax.Array,
-              draws: Draws) -> dict[str, jax.Array]:
+              draws: Draws, anchor: jax.Array | None = None) -> dict[str, jax.Array]:
   """The quantities of LCF (Algorithm 4): as `lcd_terms`, but with no teacher: one eps gives
-  both z_{t_{n+k}} and z_{t_n} = alpha(t_n) z + sigma(t_n) eps."""
+  both z_{t_{n+k}} and z_{t_n} = alpha(t_n) z + sigma(t_n) eps. anchor [B] bool (optional):
+  those samples' target is the data latent z itself (`lcf_data_anchor`)."""
   start, target_t = interval(schedule, config, draws.index)
   context = apply_caption_dropout(context, uncond_context, draws.drop)
   w_embedding = guidance_embedding(draws.omega, config.guidance_embedding_dim)
   z_start = noisy(schedule, latents, draws.noise, start)
   z_target = noisy(schedule, latents, draws.noise, target_t)
-  return _consistency_pair(student_apply, schedule, config, student_params, target_params, z_start, start,
-                           z_target, target_t, context, w_embedding)
+  terms = _consistency_pair(student_apply, schedule, config, student_params, target_params, z_start, start,
+                            z_target, target_t, context, w_embedding)
+  if anchor is not None:
+    terms["target"] = jnp.where(anchor[:, None, None, None], latents.astype(jnp.float32), terms["target"])
+  return terms
 
 
 def _consistency_pair(student_apply, schedule, config, student_params, target_params, z_start, start, z_target,
@@ -267,8 +277,10 @@ def make_loss_fn(mode: str, student_apply: ApplyFn, schedule: Schedule, config: 
       terms = lcd_terms(student_apply, teacher_apply, schedule, config, student_params, target_params,
                         frozen["teacher"], batch["latents"], batch["context"], frozen["uncond_context"], draws)
     else:
+      anchor = (jax.random.bernoulli(jax.random.fold_in(rng, 1), config.lcf_data_anchor, draws.drop.shape)
+                if config.lcf_data_anchor else None)
       terms = lcf_terms(student_apply, schedule, config, student_params, target_params, batch["latents"],
-                        batch["context"], frozen["uncond_context"], draws)
+                        batch["context"], frozen["uncond_context"], draws, anchor)
     return distance(terms["prediction"], terms["target"], config), _metrics(draws, schedule, config)
 
   return loss_fn

@@ -58,7 +58,11 @@ def define_flags() -> None:
                       "(built by `python -m lcm_jax.toy.metrics`).")
   flags.DEFINE_enum("domain", "teacher", ["teacher", "shifted"], "Prompt set: the teacher's colours, or "
                     "the shifted colours the teacher never saw (LCF).")
-  flags.DEFINE_list("samplers", ["ddim", "dpm_solver", "dpm_solver_pp", "lcm"], "Rows of the table.")
+  flags.DEFINE_string("guided_distill", None, "A Guided-Distill workdir (configs/toy.py:guided_distill): "
+                      "adds its row; the N-step cell uses the checkpoint at the end of the round that made "
+                      "the N-step student, sampled with its own deterministic sampler.")
+  flags.DEFINE_list("samplers", ["ddim", "dpm_solver", "dpm_solver_pp", "lcm"], "Rows of the table "
+                    "(guided_distill: the --guided_distill workdir's row).")
   flags.DEFINE_list("steps", ["1", "2", "4", "8"], "Columns of the table.")
   flags.DEFINE_float("guidance_scale", 9.0, "diffusers' g = 1 + the paper's omega (paper: omega = 8).")
   flags.DEFINE_integer("reference_steps", 50, "Steps of the teacher-DDIM reference row (what the LCM is "
@@ -71,12 +75,47 @@ def define_flags() -> None:
   flags.DEFINE_bool("progress", True, "Progress bars (images, images/s, ETA) on stderr.")
 
 
+GUIDED_DISTILL = "guided_distill"  # the row of a Guided-Distill workdir (--guided_distill)
 SECOND_REAL_SEED = 778  # a second real draw, for the FID floor
 SCORE_BATCH = 500  # images per chunk fed to the attribute network
 
 
 # ---------------------------------------------------------------------------------------
 # Image sources of the reference rows
+
+
+class GuidedDistillSource:
+  """Images of a Guided-Distill workdir's N-step student (its checkpoint at the end of the
+  round that made it, online parameters) with `lcm_jax.guided_distill.sample`, from the same
+  initial latents as every other row."""
+
+  def __init__(self, workdir: str, steps: int, *, guidance_scale: float, seed: int):
+    from lcm_jax import workdir as workdir_lib
+    from lcm_jax.config import guided_distill_config
+    from lcm_jax.eval.table import Model, model_identity
+    import ml_collections
+    config = ml_collections.ConfigDict(workdir_lib.saved_config(workdir))
+    self.step = guided_distill_config(config, config.loss.guidance_embedding_dim).checkpoint_step(steps)
+    if not os.path.isdir(os.path.join(workdir_lib.checkpoint_dir(workdir), str(self.step))):
+      raise LcmJaxError(f"{workdir} has no checkpoint {self.step}, where its {steps}-step student is final")
+    self.steps, self.guidance_scale, self.seed = steps, guidance_scale, seed
+    identity = model_identity(workdir, "online", self.step)
+    self.model = Model(identity, lambda: workdir_lib.load_pipeline_from_workdir(workdir, "online", self.step))
+    self._images = None
+
+  def settings(self) -> dict:
+    return {"guided_distill": self.model.identity, "steps": self.steps, "guidance_scale": self.guidance_scale,
+            "seed": self.seed}
+
+  def prepare(self, batch_size: int) -> None:
+    from lcm_jax.guided_distill import GuidedDistillImages
+    if self._images is None:
+      self._images = GuidedDistillImages(self.model._load())
+    self([""] * batch_size, np.arange(batch_size))  # compiles for this batch size
+
+  def __call__(self, prompts: Sequence[str], indices: np.ndarray) -> np.ndarray:
+    return self._images(prompts, num_steps=self.steps, guidance_scale=self.guidance_scale, seed=self.seed,
+                        indices=indices)
 
 
 class RealImages:
@@ -124,11 +163,17 @@ def vae_roundtrip(pipe):
 
 def checked_flags() -> tuple[list[str], list[int]]:
   """(samplers, steps) from the flags; every flag error before any work."""
+  from lcm_jax import workdir as workdir_lib
   from lcm_jax.evaluate import check_grid, check_model
   if FLAGS.output is None:
     raise LcmJaxError("--output is required (a folder for the table, plot and samples)")
   check_model("teacher", FLAGS.teacher)  # its VAE makes a reference row whatever the samplers
-  samplers, steps = check_grid(list(FLAGS.samplers), list(FLAGS.steps), FLAGS.teacher, FLAGS.lcm, FLAGS.lcm_step)
+  samplers = list(FLAGS.samplers)
+  others = [s for s in samplers if s != GUIDED_DISTILL]
+  if GUIDED_DISTILL in samplers and not (FLAGS.guided_distill and workdir_lib.is_workdir(FLAGS.guided_distill)):
+    raise LcmJaxError(f"the guided_distill row needs --guided_distill, a training workdir; got {FLAGS.guided_distill}")
+  # (the steps are checked with the other rows, or as the teacher's rows would be)
+  _, steps = check_grid(others or ["ddim"], list(FLAGS.steps), FLAGS.teacher, FLAGS.lcm, FLAGS.lcm_step)
   if FLAGS.reference_steps < 0:
     raise LcmJaxError(f"--reference_steps must be >= 0 (0: no teacher reference row), got {FLAGS.reference_steps}")
   if FLAGS.num_samples < 2:
@@ -147,6 +192,7 @@ def toy_cells(samplers: list[str], steps: list[int]) -> list:
   from lcm_jax.eval.table import Cell, SamplerSource, sampler_cells
   from lcm_jax.evaluate import build_models
   models = build_models(FLAGS.teacher, FLAGS.lcm if "lcm" in samplers else None, lcm_params=FLAGS.lcm_params,
+                       
                         lcm_step=FLAGS.lcm_step)
   teacher = models["teacher"]
   cells = [Cell("real_images", "real images", None, RealImages(SECOND_REAL_SEED)),
@@ -155,7 +201,14 @@ def toy_cells(samplers: list[str], steps: list[int]) -> list:
     n = FLAGS.reference_steps
     cells.append(Cell(f"teacher_ddim_{n}", f"teacher DDIM {n} steps", None,
                       SamplerSource(teacher, "ddim", n, guidance_scale=FLAGS.guidance_scale, seed=FLAGS.seed)))
-  return cells + sampler_cells(models, samplers, steps, guidance_scale=FLAGS.guidance_scale, seed=FLAGS.seed)
+  for sampler in samplers:  # in the order given (the paper's: DDIM, DPM, DPM++, Guided-Distill, LCM)
+    if sampler == GUIDED_DISTILL:
+      cells += [Cell(f"{GUIDED_DISTILL}_{k}", "Guided-Distill", k,
+                     GuidedDistillSource(FLAGS.guided_distill, k, guidance_scale=FLAGS.guidance_scale, seed=FLAGS.seed))
+                for k in steps]
+    else:
+      cells += sampler_cells(models, [sampler], steps, guidance_scale=FLAGS.guidance_scale, seed=FLAGS.seed)
+  return cells
 
 
 def main(argv: list[str]) -> None:
@@ -175,7 +228,7 @@ def main(argv: list[str]) -> None:
   cells = toy_cells(samplers, steps)
   evaluation = Evaluation([a.caption for a in attrs], metrics, FLAGS.cache_dir or os.path.join(FLAGS.output, "cells"),
                           batch_size=FLAGS.batch_size, score_batch=SCORE_BATCH, progress=FLAGS.progress)
-  names = ("teacher", "lcm", "lcm_step", "lcm_params", "num_samples", "domain", "guidance_scale", "seed",
+  names = ("teacher", "lcm", "guided_distill", "lcm_step", "lcm_params", "num_samples", "domain", "guidance_scale", "seed",
            "prompt_seed", "metric")
   settings = dict({k: FLAGS[k].value for k in names}, omega=FLAGS.guidance_scale - 1, steps=steps, samplers=samplers)
   notes = [f"{FLAGS.num_samples} prompts ({FLAGS.domain} colours, seed {FLAGS.prompt_seed}), one image each; "

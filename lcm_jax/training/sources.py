@@ -11,6 +11,7 @@ import ml_collections
 import numpy as np
 
 from lcm_jax import workdir as workdir_lib
+from lcm_jax.config import TEACHER_MODES
 from lcm_jax.errors import LcmJaxError
 from lcm_jax.models.unet import UNetConfig
 from lcm_jax.models.vae import downsampling_factor
@@ -77,7 +78,7 @@ def resolve_sources(config: ml_collections.ConfigDict) -> Sources:
     raise LcmJaxError(f"config.init_from={config.init_from!r} is not an LCM: its UNet config has no "
                       "time_cond_proj_dim (the guidance input); distil it with mode=lcd first")
   base, base_variant = (teacher, variant) if teacher else (init_base, init_variant)
-  return Sources(base=base, base_variant=base_variant or None, teacher=teacher if config.mode == "lcd" else None,
+  return Sources(base=base, base_variant=base_variant or None, teacher=teacher if config.mode in TEACHER_MODES else None,
                  init_folder=init_folder, init_workdir=init_workdir, student_unet_config=student_config,
                  vae_config=read_json(os.path.join(base, "vae", "config.json")),
                  scheduler_config=read_json(os.path.join(base, "scheduler", "scheduler_config.json")))

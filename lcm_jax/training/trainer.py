@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -26,9 +27,9 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from lcm_jax import checkpoint
+from lcm_jax import checkpoint, guided_distill
 from lcm_jax import workdir as workdir_lib
-from lcm_jax.config import check_config, config_changes, loss_config
+from lcm_jax.config import check_config, config_changes, guided_distill_config, loss_config
 from lcm_jax.data import make_train_data
 from lcm_jax.errors import LcmJaxError
 from lcm_jax.losses import make_loss_fn
@@ -251,24 +252,33 @@ def make_step(config: ml_collections.ConfigDict, schedule: Schedule, mesh: jax.s
   encoder for image batches, the posterior draw) and the consistency loss in one step. Works
   on abstract arrays too (`lcm_jax.bench.memory_plan` compiles it without weights)."""
   unet_config = student.module.config
-  consistency_loss = make_loss_fn(config.mode, unet_apply(student.module), schedule,
-                                  loss_config(config, guidance_dim(config, unet_config)),
-                                  unet_apply(frozen.teacher) if frozen.teacher is not None else None,
-                                  lora_scale=student.lora_scale)
+  ema_decay, loss_takes_step = config.ema_decay, False
+  if config.mode == "guided_distill":
+    gd_config = guided_distill_config(config, int(unet_config.time_cond_proj_dim))
+    consistency_loss = guided_distill.make_loss_fn(unet_apply(student.module), unet_apply(frozen.teacher), schedule,
+                                                   gd_config)
+    # The train state's target is the round's teacher: frozen, replaced by the student at each round's end.
+    ema_decay, loss_takes_step = functools.partial(guided_distill.target_decay, config=gd_config), True
+  else:
+    consistency_loss = make_loss_fn(config.mode, unet_apply(student.module), schedule,
+                                    loss_config(config, guidance_dim(config, unet_config)),
+                                    unet_apply(frozen.teacher) if frozen.teacher is not None else None,
+                                    lora_scale=student.lora_scale)
   prepare = make_batch_preparation(frozen.vae, frozen.text_encoder, frozen.scaling_factor)
 
-  def loss_fn(student_params, target_params, frozen_arrays, batch, rng):
+  def loss_fn(student_params, target_params, frozen_arrays, batch, rng, **kwargs):
     posterior_rng, loss_rng = jax.random.split(rng)
     return consistency_loss(student_params, target_params, frozen_arrays, prepare(frozen_arrays, batch, posterior_rng),
-                            loss_rng)
+                            loss_rng, **kwargs)
 
   data_sharding = batch_sharding(mesh)
-  train_step = make_train_step(loss_fn, build_optimizer(config), config.ema_decay, mesh=mesh,
+  train_step = make_train_step(loss_fn, build_optimizer(config), ema_decay, mesh=mesh,
                                state_shardings=state_shardings,
                                frozen_shardings=jax.tree.map(lambda x: x.sharding, frozen.arrays),
                                batch_shardings=data_sharding, grad_accum_steps=config.grad_accum_steps,
                                gather_params=config.mesh.gather_params,
-                               kernel_dtype=jnp.dtype(config.precision.compute_dtype))
+                               kernel_dtype=jnp.dtype(config.precision.compute_dtype),
+                               loss_takes_step=loss_takes_step)
   keys = device_keys(latents_format)
   return train_step, lambda b: make_global_batch({k: b[k] for k in keys}, data_sharding)
 
