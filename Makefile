@@ -29,11 +29,16 @@ $(CORE_STAMP): $(PY) pyproject.toml
 
 install: $(STAMP)
 
+# Two pytest workers (pytest-xdist), each test file whole on one worker so its module fixtures
+# are built once: compiles and subprocess start-ups are mostly single-threaded, so two files at a
+# time use the two cores. TEST_WORKERS=0 runs the suite in this process.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q --durations=10 -m "not slow" tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=10 -m "not slow" tests
 
 demo: $(CORE_STAMP)
 	$(PY) -m lcm_jax.toy.demo
