@@ -69,33 +69,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_train_steps = 100_000  # paper: 100k iterations
   c.seed = 0
 
-  # The consistency loss (lcm_jax.losses.ConsistencyLossConfig).
-  c.loss = ml_collections.ConfigDict()
-  c.loss.solver = "ddim"          # paper: DDIM is the augmented PF-ODE solver of its main results
-  c.loss.skipping_step = 20       # paper: k = 20 (50 solver points on 1000 timesteps)
-  c.loss.omega_min = 2.0          # paper: omega ~ U[2, 14] (diffusers samples [5, 15])
-  c.loss.omega_max = 14.0
-  c.loss.distance = "l2"          # "l2" or "huber" (pseudo-Huber); diffusers' default is l2
-  c.loss.huber_c = 0.001          # diffusers
-  c.loss.caption_dropout = 0.0    # diffusers parses --proportion_empty_prompts but applies 0
-  c.loss.lcf_data_anchor = 0.0    # LCF: share of samples whose target is the data itself (0: Algorithm 4)
-  c.loss.uncond = "empty_prompt"  # unconditional context: the empty prompt's embedding, or "zeros"
-  c.loss.cond_proj_init = "zeros" # the student's new guidance input: "zeros" or "torch_default"
-  c.loss.guidance_embedding_dim = 256  # time_cond_proj_dim of the student (LCM checkpoints: 256)
-  c.loss.timestep_scaling = 10.0  # boundary scalings c_skip/c_out at s = 10 t (diffusers, LCMScheduler)
+  c.loss = loss_defaults()        # the consistency loss: solver, skipping step, omega range, ...
 
   c.guided_distill = guided_distill_defaults()  # mode "guided_distill" only
 
-  # AdamW after global-norm clipping (lcm_jax.train_step.make_optimizer).
-  c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.lr = 8e-6           # paper
-  c.optimizer.b1 = 0.9            # diffusers (torch AdamW defaults)
-  c.optimizer.b2 = 0.999
-  c.optimizer.eps = 1e-8
-  c.optimizer.weight_decay = 1e-2  # diffusers --adam_weight_decay
-  c.optimizer.max_grad_norm = 1.0  # diffusers
-  c.optimizer.schedule = "constant"  # "constant", "warmup_constant" or "warmup_cosine"
-  c.optimizer.warmup_steps = 0
+  c.optimizer = optimizer_defaults()  # AdamW after global-norm clipping
 
   c.ema_decay = 0.999943          # paper (diffusers: 0.95)
 
@@ -134,6 +112,38 @@ def base_config() -> ml_collections.ConfigDict:
   # loss, the data, ...) is refused unless this is set.
   c.resume_with_changes = False
   return c
+
+
+def loss_defaults() -> ml_collections.ConfigDict:
+  """The consistency loss (lcm_jax.losses.ConsistencyLossConfig), the paper's values where it gives them."""
+  o = ml_collections.ConfigDict()
+  o.solver = "ddim"          # paper: DDIM is the augmented PF-ODE solver of its main results
+  o.skipping_step = 20       # paper: k = 20 (50 solver points on 1000 timesteps)
+  o.omega_min = 2.0          # paper: omega ~ U[2, 14] (diffusers samples [5, 15])
+  o.omega_max = 14.0
+  o.distance = "l2"          # "l2" or "huber" (pseudo-Huber); diffusers' default is l2
+  o.huber_c = 0.001          # diffusers
+  o.caption_dropout = 0.0    # diffusers parses --proportion_empty_prompts but applies 0
+  o.lcf_data_anchor = 0.0    # LCF: share of samples whose target is the data itself (0: Algorithm 4)
+  o.uncond = "empty_prompt"  # unconditional context: the empty prompt's embedding, or "zeros"
+  o.cond_proj_init = "zeros" # the student's new guidance input: "zeros" or "torch_default"
+  o.guidance_embedding_dim = 256  # time_cond_proj_dim of the student (LCM checkpoints: 256)
+  o.timestep_scaling = 10.0  # boundary scalings c_skip/c_out at s = 10 t (diffusers, LCMScheduler)
+  return o
+
+
+def optimizer_defaults() -> ml_collections.ConfigDict:
+  """AdamW after global-norm clipping (lcm_jax.train_step.make_optimizer)."""
+  o = ml_collections.ConfigDict()
+  o.lr = 8e-6           # paper
+  o.b1 = 0.9            # diffusers (torch AdamW defaults)
+  o.b2 = 0.999
+  o.eps = 1e-8
+  o.weight_decay = 1e-2  # diffusers --adam_weight_decay
+  o.max_grad_norm = 1.0  # diffusers
+  o.schedule = "constant"  # "constant", "warmup_constant" or "warmup_cosine"
+  o.warmup_steps = 0
+  return o
 
 
 def guided_distill_defaults() -> ml_collections.ConfigDict:
