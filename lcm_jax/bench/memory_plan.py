@@ -154,6 +154,7 @@ def lower_train_step(config, devices):
   from lcm_jax.training.batches import device_keys
   from lcm_jax.training.frozen import abstract_frozen_models
   from lcm_jax.training.sources import check_batch_size, check_resolution, resolve_sources
+  from lcm_jax.sd_pipeline import read_json
   from lcm_jax.training.state import build_optimizer, build_student, state_initializer
   from lcm_jax.training.trainer import LATENTS_FORMAT, make_step
   from lcm_jax.schedule import schedule_from_config
@@ -165,7 +166,7 @@ def lower_train_step(config, devices):
   mesh = make_mesh(config.mesh.data, config.mesh.fsdp, devices=devices)
   check_batch_size(config.batch_size, mesh, config.grad_accum_steps)
   latents_format = config.data.format == LATENTS_FORMAT
-  text_length = int(json.load(open(os.path.join(sources.base, "text_encoder", "config.json")))
+  text_length = int(read_json(os.path.join(sources.base, "text_encoder", "config.json"))
                     .get("max_position_embeddings", 77))
   student = build_student(config, sources, mesh)
   frozen = abstract_frozen_models(config, sources, mesh, latents_format=latents_format, context_length=text_length)
@@ -221,7 +222,7 @@ def lower_sampling(config, device, batch: int, num_steps: int = 4):
   import numpy as np
 
   from lcm_jax.models.vae import downsampling_factor
-  from lcm_jax.sd_pipeline import Pipeline, abstract_params, build_module
+  from lcm_jax.sd_pipeline import Pipeline, abstract_params, build_module, read_json
   from lcm_jax.text_to_image import TextToImage
   from lcm_jax.tokenizer import load_tokenizer
   from lcm_jax.training.sources import resolve_sources
@@ -232,8 +233,8 @@ def lower_sampling(config, device, batch: int, num_steps: int = 4):
   placed = jax.sharding.SingleDeviceSharding(device)
   modules = {"unet": build_module("unet", sources.student_unet_config, dtype=dtype, param_dtype=dtype),
              "vae": build_module("vae", sources.vae_config, dtype=dtype, param_dtype=dtype),
-             "text_encoder": build_module("text_encoder", json.load(open(os.path.join(sources.base, "text_encoder",
-                                                                                     "config.json"))),
+             "text_encoder": build_module("text_encoder", read_json(os.path.join(sources.base, "text_encoder",
+                                                                                     "config.json")),
                                           dtype=dtype, param_dtype=dtype)}
   scheduler = lcm_scheduler_config(sources.scheduler_config, original_inference_steps=50,
                                    timestep_scaling=config.loss.timestep_scaling)
