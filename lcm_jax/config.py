@@ -179,28 +179,24 @@ RESUME_SAFE_KEYS = (
     "data.num_workers", "data.read_threads", "data.prefetch_buffer_size", "data.worker_buffer_size")
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, Mapping):
-      out.update(_flatten(value, f"{prefix}{key}."))
-    else:
-      out[prefix + key] = value
-  return out
+def flatten_dotted(tree: Mapping[str, Any]) -> dict[str, Any]:
+  """A nested config (or its JSON) -> {"loss.ema_decay": value, ...}: its leaves by dotted path."""
+  from lcm_jax.weights import flatten_tree
+  return {".".join(path): value for path, value in flatten_tree(tree).items()}
 
 
 def _later_key_defaults() -> dict[str, Any]:
   """The defaults, flattened as in a saved config, of keys added after the first releases (a
   workdir saved before them ran with these values)."""
   import json
-  flat = _flatten(json.loads(base_config().to_json_best_effort()))
+  flat = flatten_dotted(json.loads(base_config().to_json_best_effort()))
   return {k: v for k, v in flat.items() if k.startswith("guided_distill.") or k == "loss.lcf_data_anchor"}
 
 
 def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> tuple[list[str], list[str]]:
   """(safe, unsafe) descriptions "key: old -> new" of the leaves that differ between two JSON
   configs; safe ones are in RESUME_SAFE_KEYS."""
-  old, new = _flatten(saved), _flatten(current)
+  old, new = flatten_dotted(saved), flatten_dotted(current)
   safe, unsafe = [], []
   later_defaults = _later_key_defaults()
   for key in sorted(set(old) | set(new)):

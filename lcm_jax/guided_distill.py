@@ -45,6 +45,7 @@ import numpy as np
 
 from lcm_jax.consistency import guidance_embedding
 from lcm_jax.errors import LcmJaxError
+from lcm_jax.losses import draw_omega_noise
 from lcm_jax.schedule import Schedule, alpha_sigma, broadcast_to, to_x0_eps
 
 ApplyFn = Callable[[Any, jax.Array, jax.Array, jax.Array, jax.Array | None], jax.Array]
@@ -149,10 +150,9 @@ jax.tree_util.register_dataclass(Draws, data_fields=["timestep", "position", "om
 def draw(rng: jax.Array, latents: jax.Array, schedule: Schedule, config: GuidedDistillConfig) -> Draws:
   k_t, k_pos, k_omega, k_noise = jax.random.split(rng, 4)
   b = latents.shape[0]
+  omega, noise = draw_omega_noise(k_omega, k_noise, latents, config.omega_min, config.omega_max)
   return Draws(timestep=jax.random.randint(k_t, (b,), 0, schedule.num_train_timesteps, dtype=jnp.int32),
-               position=jax.random.uniform(k_pos, (b,), jnp.float32),
-               omega=jax.random.uniform(k_omega, (b,), jnp.float32, config.omega_min, config.omega_max),
-               noise=jax.random.normal(k_noise, latents.shape, jnp.float32))
+               position=jax.random.uniform(k_pos, (b,), jnp.float32), omega=omega, noise=noise)
 
 
 def snr_weight(schedule: Schedule, t: jax.Array) -> jax.Array:

@@ -109,11 +109,17 @@ def draw(rng: jax.Array, latents: jax.Array, schedule: Schedule, config: Consist
   k_index, k_omega, k_noise, k_drop = jax.random.split(rng, 4)
   b = latents.shape[0]
   n = len(skipping_step_timesteps(schedule.num_train_timesteps, config.skipping_step))
-  return Draws(
-      index=jax.random.randint(k_index, (b,), 0, n, dtype=jnp.int32),
-      omega=jax.random.uniform(k_omega, (b,), jnp.float32, config.omega_min, config.omega_max),
-      noise=jax.random.normal(k_noise, latents.shape, jnp.float32),
-      drop=jax.random.bernoulli(k_drop, config.caption_dropout, (b,)))
+  omega, noise = draw_omega_noise(k_omega, k_noise, latents, config.omega_min, config.omega_max)
+  return Draws(index=jax.random.randint(k_index, (b,), 0, n, dtype=jnp.int32), omega=omega, noise=noise,
+               drop=jax.random.bernoulli(k_drop, config.caption_dropout, (b,)))
+
+
+def draw_omega_noise(k_omega: jax.Array, k_noise: jax.Array, latents: jax.Array, omega_min: float,
+                     omega_max: float) -> tuple[jax.Array, jax.Array]:
+  """omega ~ U[omega_min, omega_max] per example ([B] float32) and eps ~ N(0, I) like `latents`:
+  the guidance weight and noise of every distillation loss (LCD, LoRA LCD, Guided-Distill)."""
+  omega = jax.random.uniform(k_omega, (latents.shape[0],), jnp.float32, omega_min, omega_max)
+  return omega, jax.random.normal(k_noise, latents.shape, jnp.float32)
 
 
 def interval(schedule: Schedule, config: ConsistencyLossConfig, index: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -22,6 +22,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from lcm_jax.config import flatten_dotted
+
 CARD_FILE = "README.md"
 # Licences of the usual bases, for a base whose own card is not at hand (hub ids offline).
 KNOWN_LICENSES = {
@@ -104,19 +106,9 @@ def _hub_id(name: str | None) -> str | None:
   return name
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
 def training_section(config: Mapping[str, Any], step: int | None, params: str) -> str:
   """Markdown: the run's settings (a table) and the checkpoint exported."""
-  flat = _flatten(config)
+  flat = flatten_dotted(config)
   rows = [(label, flat[key]) for key, label in TRAINING_KEYS if flat.get(key) not in (None, "")]
   lines = ["## Training", "",
            f"Trained with lcm-jax ({flat.get('mode', 'lcd')}); exported from step "

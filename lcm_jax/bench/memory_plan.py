@@ -34,6 +34,7 @@ import re
 import sys
 import tempfile
 import time
+from typing import Any
 
 GIB = 2 ** 30
 # HBM per chip a program may use and peak dense bf16 FLOP/s per chip. v4 and v5e: what the TPU
@@ -145,20 +146,37 @@ class Compiled:
                compile_seconds=seconds)
 
 
-def lower_train_step(config, devices):
-  """The run's jitted step, lowered on abstract arguments for `devices` (the trainer's own code)."""
+@dataclasses.dataclass
+class Run:
+  """A run as the trainer builds it (`lcm_jax.training`), with `jax.ShapeDtypeStruct`s that
+  carry their shardings in place of arrays: the state, the frozen models and the step's batch."""
+  config: Any
+  sources: Any
+  mesh: Any
+  schedule: Any
+  student: Any
+  frozen: Any
+  optimizer: Any
+  state_shardings: Any
+  state: Any
+  batch: dict
+  latents_format: bool
+
+
+def build_run(config, devices) -> Run:
+  """The run's pieces for `devices`, from the config alone (the trainer's own code)."""
   import jax
 
   from lcm_jax.config import check_config
+  from lcm_jax.schedule import schedule_from_config
+  from lcm_jax.sd_pipeline import read_json
   from lcm_jax.sharding import batch_sharding, make_mesh
+  from lcm_jax.train_step import train_state_shardings
   from lcm_jax.training.batches import device_keys
   from lcm_jax.training.frozen import abstract_frozen_models
   from lcm_jax.training.sources import check_batch_size, check_resolution, resolve_sources
-  from lcm_jax.sd_pipeline import read_json
   from lcm_jax.training.state import build_optimizer, build_student, state_initializer
-  from lcm_jax.training.trainer import LATENTS_FORMAT, make_step
-  from lcm_jax.schedule import schedule_from_config
-  from lcm_jax.train_step import train_state_shardings
+  from lcm_jax.training.trainer import LATENTS_FORMAT
 
   check_config(config)
   sources = resolve_sources(config)
@@ -174,11 +192,28 @@ def lower_train_step(config, devices):
   shardings = train_state_shardings(optimizer, student.abstract, student.shardings, mesh)
   state = jax.eval_shape(state_initializer(config, optimizer), student.abstract, jax.random.PRNGKey(0))
   state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
-  step, _ = make_step(config, schedule_from_config(sources.scheduler_config), mesh, student, frozen, shardings,
-                      latents_format)
   batch = abstract_batch(config, sources, student, latents_format, text_length, batch_sharding(mesh))
   batch = {k: batch[k] for k in device_keys(latents_format)}
-  return step.lower(state, frozen.arrays, batch), mesh
+  return Run(config=config, sources=sources, mesh=mesh, schedule=schedule_from_config(sources.scheduler_config),
+             student=student, frozen=frozen, optimizer=optimizer, state_shardings=shardings, state=state,
+             batch=batch, latents_format=latents_format)
+
+
+def lower_train_step(config, devices):
+  """The run's jitted step, lowered on abstract arguments for `devices` (the trainer's own code)."""
+  from lcm_jax.training.trainer import make_step
+  run = build_run(config, devices)
+  step, _ = make_step(config, run.schedule, run.mesh, run.student, run.frozen, run.state_shardings,
+                      run.latents_format)
+  return step.lower(run.state, run.frozen.arrays, run.batch), run.mesh
+
+
+def flat_config(config):
+  """The config as FLOPs are counted: materialised attention, one microbatch, one device."""
+  flat = config.copy_and_resolve_references()
+  with flat.unlocked():
+    flat.attention, flat.grad_accum_steps, flat.mesh.data, flat.mesh.fsdp = "xla", 1, 1, 1
+  return flat
 
 
 def step_flops(config, devices) -> float:
@@ -189,10 +224,7 @@ def step_flops(config, devices) -> float:
   Recomputation (remat) is included; collectives are not. Lowered for one CPU device (the
   TPU client does not analyse unpartitioned HLO); the count does not depend on the devices."""
   import jax
-  flat = config.copy_and_resolve_references()
-  with flat.unlocked():
-    flat.attention, flat.grad_accum_steps, flat.mesh.data, flat.mesh.fsdp = "xla", 1, 1, 1
-  lowered, _ = lower_train_step(flat, jax.devices("cpu")[:1])
+  lowered, _ = lower_train_step(flat_config(config), jax.devices("cpu")[:1])
   cost = lowered.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float((cost or {}).get("flops", 0.0)) / len(devices)
@@ -248,6 +280,247 @@ def lower_sampling(config, device, batch: int, num_steps: int = 4):
   return jax.jit(t2i._generate_fn("lcm", num_steps, False)).lower(*specs)
 
 
+# ---------------------------------------------------------------------------------------
+# The step in parts: compiled one at a time, added up.
+
+PARTS = ("frozen", "student", "update")
+
+
+def loss_pieces(run):
+  """(carried, student_loss): the step's consistency loss (`lcm_jax.losses`, LCD or LCF, full or
+  LoRA student) cut where the gradient starts.
+
+  carried(target_params, frozen, batch, rng) -> {"z_start", "start", "context", "w_embedding",
+    "target"}: batch preparation, the draws, the guided teacher's solver step (LCD) and the EMA
+    target's forward f_theta-(z_target): everything that takes no gradient, from the rng the
+    step's loss receives (the same split into posterior and loss keys as the trainer's).
+  student_loss(params, frozen, carried, rng) -> (loss, {}): f_theta(z_start) against the
+    carried target, the distance of the config.
+  The two together compute exactly the trainer's loss (tests/test_memory_plan.py checks it).
+  """
+  import jax
+  import jax.numpy as jnp
+
+  from lcm_jax.config import loss_config
+  from lcm_jax.consistency import guidance_embedding
+  from lcm_jax.errors import LcmJaxError
+  from lcm_jax.losses import (apply_caption_dropout, consistency_function, distance, draw, guided_teacher, interval,
+                              lora_student_apply, noisy)
+  from lcm_jax.solvers import SOLVERS
+  from lcm_jax.training.batches import make_batch_preparation
+  from lcm_jax.training.trainer import guidance_dim, unet_apply
+
+  config, schedule, frozen_models = run.config, run.schedule, run.frozen
+  if config.mode not in ("lcd", "lcf"):
+    raise LcmJaxError(f"--part compiles LCD and LCF steps, not mode {config.mode!r}; use --part=step")
+  lc = loss_config(config, guidance_dim(config, run.student.module.config))
+  apply = unet_apply(run.student.module)
+  if run.student.lora_scale is not None:  # the adapters on the frozen teacher, as make_loss_fn's LoRA loss
+    apply = lora_student_apply(apply, run.student.lora_scale)
+    with_base = lambda p, frozen: {"base": frozen["teacher"], "lora": p}
+  else:
+    with_base = lambda p, frozen: p
+  prepare = make_batch_preparation(frozen_models.vae, frozen_models.text_encoder, frozen_models.scaling_factor)
+
+  def carried(target_params, frozen, batch, rng):
+    posterior_rng, loss_rng = jax.random.split(rng)
+    prepared = prepare(frozen, batch, posterior_rng)
+    latents = prepared["latents"]
+    draws = draw(loss_rng, latents, schedule, lc)
+    start, target_t = interval(schedule, lc, draws.index)
+    context = apply_caption_dropout(prepared["context"], frozen["uncond_context"], draws.drop)
+    w_embedding = guidance_embedding(draws.omega, lc.guidance_embedding_dim)
+    z_start = noisy(schedule, latents, draws.noise, start)
+    if config.mode == "lcd":
+      model_fn = guided_teacher(unet_apply(frozen_models.teacher), frozen["teacher"], context,
+                                frozen["uncond_context"], draws.omega, schedule)
+      z_target = SOLVERS[lc.solver](schedule, z_start, start, target_t, model_fn)
+    else:
+      z_target = noisy(schedule, latents, draws.noise, target_t)
+    target = consistency_function(apply, with_base(target_params, frozen), z_target, target_t, context, w_embedding,
+                                  schedule, lc)
+    if config.mode == "lcf" and lc.lcf_data_anchor:
+      anchor = jax.random.bernoulli(jax.random.fold_in(loss_rng, 1), lc.lcf_data_anchor, draws.drop.shape)
+      target = jnp.where(anchor[:, None, None, None], latents.astype(jnp.float32), target)
+    return {"z_start": z_start, "start": start, "context": context, "w_embedding": w_embedding, "target": target}
+
+  def student_loss(params, frozen, carry, rng):
+    del rng
+    prediction = consistency_function(apply, with_base(params, frozen), carry["z_start"], carry["start"],
+                                      carry["context"], carry["w_embedding"], schedule, lc)
+    return distance(prediction, carry["target"], lc), {}
+
+  return carried, student_loss
+
+
+def part_steps(run) -> dict:
+  """The jitted parts of the run's step, each with the real step's shardings (`make_train_step`):
+
+  frozen(state, frozen, batch) -> carried: the no-gradient half of the loss (teacher, EMA
+    target), microbatch by microbatch as the step scans them, returned in batch order;
+  student(state, frozen, carried) -> (grads, loss): the student's forward and backward
+    (`accumulated_value_and_grad`: the config's microbatches, remat and attention), grads in
+    the parameters' shardings;
+  update(state, grads, {}) -> (state, metrics): the step's own optimiser, EMA and metrics code
+    (`make_train_step` itself, state donated), on a loss linear in the parameters,
+    sum <params, grads>, whose gradient is the given grads (its cost: 2 FLOPs a parameter).
+  The frozen and student parts take the whole state and the frozen models as arguments
+  (keep_unused), so their argument bytes less the persistent bytes are their own inputs.
+  """
+  import jax
+  import jax.numpy as jnp
+
+  from lcm_jax.sharding import batch_sharding, replicated
+  from lcm_jax.train_step import _on_mesh, accumulated_value_and_grad, make_train_step
+
+  config, mesh = run.config, run.mesh
+  m = config.grad_accum_steps
+  carried, student_loss = loss_pieces(run)
+  on_mesh = lambda fn: _on_mesh(fn, mesh, config.mesh.gather_params, jnp.dtype(config.precision.compute_dtype))
+  carried_on_mesh = on_mesh(lambda _, target, frozen, batch, rng: carried(target, frozen, batch, rng))
+  student_on_mesh = on_mesh(lambda params, _, frozen, carry, rng: student_loss(params, frozen, carry, rng))
+
+  def frozen_part(state, frozen, batch):
+    rng = jax.random.fold_in(state.rng, state.step)
+    target, frozen = jax.lax.stop_gradient(state.target_params), jax.lax.stop_gradient(frozen)
+    if m == 1:
+      return carried_on_mesh({}, target, frozen, batch, rng)
+    micro = jax.tree.map(lambda x: x.reshape(-1, m, *x.shape[1:]).swapaxes(0, 1), batch)  # as the step's scan
+    body = lambda _, xs: (None, carried_on_mesh({}, target, frozen, xs[1], jax.random.fold_in(rng, xs[0])))
+    _, out = jax.lax.scan(body, None, (jnp.arange(m, dtype=jnp.uint32), micro))
+    return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(-1, *x.shape[2:]), out)
+
+  def student_part(state, frozen, carry):
+    rng = jax.random.fold_in(state.rng, state.step)
+    (loss, _), grads = accumulated_value_and_grad(student_on_mesh, state.params, {}, jax.lax.stop_gradient(frozen),
+                                                  carry, rng, m)
+    return grads, loss
+
+  def linear_loss(params, target, grads, batch, rng):
+    del target, batch, rng
+    dots = jax.tree.map(lambda p, g: jnp.vdot(p.astype(jnp.float32), jax.lax.stop_gradient(g).astype(jnp.float32)),
+                        params, grads)
+    return sum(jax.tree.leaves(dots)), {}
+
+  rep, data = replicated(mesh), batch_sharding(mesh)
+  frozen_shardings = jax.tree.map(lambda x: x.sharding, run.frozen.arrays)
+  ins = (run.state_shardings, frozen_shardings, data)
+  return {"frozen": jax.jit(frozen_part, in_shardings=ins, out_shardings=data, keep_unused=True),
+          "student": jax.jit(student_part, in_shardings=ins, out_shardings=(run.student.shardings, rep),
+                             keep_unused=True),
+          "update": make_train_step(linear_loss, run.optimizer, config.ema_decay, mesh=mesh,
+                                    state_shardings=run.state_shardings, frozen_shardings=run.student.shardings,
+                                    batch_shardings=rep, gather_params=False)}
+
+
+def part_arguments(run, steps: dict) -> dict:
+  """Each part's abstract arguments (the carried tensors and the grads with their shardings)."""
+  import jax
+
+  from lcm_jax.sharding import batch_sharding
+  with_sharding = lambda tree, s: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree)
+  carried = with_sharding(jax.eval_shape(steps["frozen"], run.state, run.frozen.arrays, run.batch),
+                          batch_sharding(run.mesh))
+  return {"frozen": (run.state, run.frozen.arrays, run.batch), "student": (run.state, run.frozen.arrays, carried),
+          "update": (run.state, run.state.params, {})}
+
+
+def persistent_bytes(run) -> dict:
+  """Per chip, as the compiler lays them out: the train state (student, optimiser state, EMA
+  target, step, key) and the frozen models' arrays, from an executable that only takes them."""
+  import jax
+  frozen_shardings = jax.tree.map(lambda x: x.sharding, run.frozen.arrays)
+  out = {}
+  for name, tree, shardings in (("state", run.state, run.state_shardings),
+                                ("frozen_models", run.frozen.arrays, frozen_shardings)):
+    lowered = jax.jit(lambda x: None, in_shardings=(shardings,), keep_unused=True).lower(tree)
+    out[name] = int(lowered.compile().memory_analysis().argument_size_in_bytes)
+  return out
+
+
+def part_flops(config, devices, parts) -> dict:
+  """FLOPs per chip of each part, counted as `step_flops` counts the whole step."""
+  import jax
+  run = build_run(flat_config(config), jax.devices("cpu")[:1])
+  steps = part_steps(run)
+  args = part_arguments(run, steps)
+  out = {}
+  for name in parts:
+    cost = steps[name].lower(*args[name]).cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    out[name] = float((cost or {}).get("flops", 0.0)) / len(devices)
+  return out
+
+
+def transient_bytes(part: str, compiled: dict, persistent: dict) -> int:
+  """A part's own bytes per chip beyond the persistent ones: its non-state inputs (batch,
+  carried tensors, grads), its outputs that alias no input, and its temporaries."""
+  state_args = persistent["state"] + (0 if part == "update" else persistent["frozen_models"])
+  if compiled.get("error"):  # only the temporaries are known
+    return compiled["temp_bytes"]
+  return compiled["argument_bytes"] - state_args + compiled["output_bytes"] - compiled["alias_bytes"] + \
+      compiled["temp_bytes"]
+
+
+def combine(result: dict, chip: str) -> dict:
+  """The combined estimate of the step's peak per chip from its parts: persistent bytes (state
+  and frozen models, counted once) + the largest part's transient bytes. It is the peak of the
+  step run as its three parts one after another; the fused step does the same arithmetic on the
+  same buffers, so it needs as much unless XLA keeps a part's buffers alive into the next (not
+  bounded here). FLOPs: the sum of the parts'."""
+  hbm, peak = CHIPS.get(chip, (None, None))
+  parts, persistent = result["parts"], result["persistent_bytes"]
+  transient = {name: transient_bytes(name, p, persistent) for name, p in parts.items()}
+  largest = max(transient, key=transient.get)
+  total = persistent["state"] + persistent["frozen_models"] + transient[largest]
+  flops = sum(p["flops"] for p in parts.values())
+  out = {"parts": sorted(parts), "complete": sorted(parts) == sorted(PARTS), "transient_bytes": transient,
+         "largest_part": largest, "total_bytes": total, "flops": flops, "hbm_bytes": hbm,
+         "any_part_refused": any(p.get("error") for p in parts.values())}
+  gib = lambda n: f"{n / GIB:.2f} GiB"
+  line = (f"COMBINED ESTIMATE (from the parts, not a compile of the fused step): persistent state "
+          f"{gib(persistent['state'])} + frozen models {gib(persistent['frozen_models'])} (counted once) + the "
+          f"largest part's transient bytes ({largest}: {gib(transient[largest])}) = {gib(total)} per chip")
+  if not out["complete"]:
+    line += f" [only the parts {', '.join(sorted(parts))}]"
+  if hbm:
+    out["fits"] = total <= hbm and not out["any_part_refused"]
+    out["headroom"] = 1 - total / hbm
+    line += f" of {hbm / GIB:.2f} GiB ({'fits' if out['fits'] else 'DOES NOT FIT'}, headroom {100 * out['headroom']:.0f}%)"
+  line += f"; {flops / 1e12:.3g} TFLOP per chip (sum of the parts)"
+  if peak and flops and out["complete"]:
+    out["roofline_seconds"] = flops / peak
+    out["roofline_samples_per_second_per_chip"] = result["batch_size"] / result["chips"] / out["roofline_seconds"]
+    line += f", roofline {out['roofline_samples_per_second_per_chip']:.3g} samples/s/chip"
+  print(line, flush=True)
+  return out
+
+
+def plan_parts(config, devices, chip: str, parts) -> dict:
+  """Compiles the named parts one after another; their reports, the persistent bytes and the
+  combined estimate."""
+  run = build_run(config, devices)
+  steps = part_steps(run)
+  args = part_arguments(run, steps)
+  persistent = persistent_bytes(run)
+  print(f"persistent per chip: train state {persistent['state'] / GIB:.3f} GiB, frozen models "
+        f"{persistent['frozen_models'] / GIB:.3f} GiB", flush=True)
+  flops = part_flops(config, devices, parts)
+  result = {"persistent_bytes": persistent, "parts": {}}
+  for name in parts:
+    print(f"compiling the {name} part ...", flush=True)
+    start = time.perf_counter()
+    lowered = steps[name].lower(*args[name])
+    lower_seconds = time.perf_counter() - start
+    out = report(f"{name} part", Compiled.of(lowered, flops[name]), chip, config.batch_size / len(devices))
+    out["lower_seconds"] = lower_seconds
+    out["transient_bytes"] = transient_bytes(name, out, persistent)
+    print(f"{name} part: transient (its own inputs, outputs and temporaries beyond the persistent state) "
+          f"{out['transient_bytes'] / GIB:.3f} GiB per chip", flush=True)
+    result["parts"][name] = out
+  return result
+
+
 def report(name: str, compiled: Compiled, chip: str, samples: int) -> dict:
   """One printed line per executable, and its numbers as a dict."""
   hbm, peak = CHIPS.get(chip, (None, None))
@@ -275,28 +548,67 @@ def report(name: str, compiled: Compiled, chip: str, samples: int) -> dict:
   return out
 
 
-def plan(config, topology: str, sampling: bool) -> dict:
-  """Compiles the step (and optionally sampling) for the topology and reports per chip."""
+def plan(config, topology: str, sampling: bool, part: str = "step") -> dict:
+  """Compiles the step, or its parts (`part`: one of PARTS, or "all"), and optionally sampling,
+  for the topology; reports per chip."""
+  from lcm_jax.errors import LcmJaxError
+  from lcm_jax.sharding import make_mesh
+  if part not in ("step", "all", *PARTS):
+    raise LcmJaxError(f"--part={part!r}: choose step, all or one of {', '.join(PARTS)}")
   devices, chip = topology_devices(topology)
   with tempfile.TemporaryDirectory() as scratch:
     resolve_teacher(config, scratch)
-    flops = step_flops(config, devices)
-    lowered, mesh = lower_train_step(config, devices)
+    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, devices=devices)
     per_chip = config.batch_size / len(devices)
     print(f"{topology} ({len(devices)} chips), mesh {dict(mesh.shape)}, global batch {config.batch_size} "
           f"({per_chip:g} per chip, {config.grad_accum_steps} microbatch(es)), resolution {config.resolution}, "
-          f"remat {config.remat}, attention {config.attention}, data {config.data.format}; compiling the train step ...", flush=True)
+          f"remat {config.remat}, attention {config.attention}, data {config.data.format}; compiling "
+          f"{'the train step' if part == 'step' else 'the part(s) ' + part} ...", flush=True)
     result = {"topology": topology, "chips": len(devices), "mesh": dict(mesh.shape), "batch_size": config.batch_size,
               "grad_accum_steps": config.grad_accum_steps, "resolution": config.resolution,
               "remat": config.remat, "attention": config.attention, "data_format": config.data.format,
-              "precision": dict(config.precision), "train_step": report("train step", Compiled.of(lowered, flops), chip,
-                                                                        per_chip)}
+              "student": config.get("student", "full"), "mode": config.mode,
+              "precision": dict(config.precision), "part": part}
+    if part == "step":
+      lowered, _ = lower_train_step(config, devices)
+      result["train_step"] = report("train step", Compiled.of(lowered, step_flops(config, devices)), chip, per_chip)
+    else:
+      result.update(plan_parts(config, devices, chip, PARTS if part == "all" else (part,)))
+      if part == "all":
+        result["train_step_flops"] = step_flops(config, devices)
+      result["combined"] = combine(result, chip)
     if sampling:
       for batch in (1, 8):
         result[f"lcm_4_steps_batch_{batch}"] = report(f"LCM 4 steps, batch {batch}, one chip",
                                                       Compiled.of(lower_sampling(config, devices[0], batch)),
                                                       chip, batch)
   return result
+
+
+SAME_RUN_KEYS = ("topology", "chips", "mesh", "batch_size", "grad_accum_steps", "resolution", "remat", "attention",
+                 "data_format", "student", "mode", "precision", "persistent_bytes")
+
+
+def combine_files(paths: list[str]) -> dict:
+  """The combined estimate of part plans written by separate runs (`--part=frozen`, ...) of
+  the same config and topology."""
+  from lcm_jax.errors import LcmJaxError
+  results = []
+  for path in paths:
+    with open(path) as f:
+      results.append(json.load(f))
+  first = results[0]
+  for path, r in zip(paths, results):
+    if "parts" not in r:
+      raise LcmJaxError(f"{path} is not a --part plan")
+    differ = [k for k in SAME_RUN_KEYS if r.get(k) != first.get(k)]
+    if differ:
+      raise LcmJaxError(f"{path} is another run than {paths[0]}: {', '.join(differ)} differ")
+  merged = {k: v for k, v in first.items() if k not in ("parts", "combined", "part")}
+  merged["part"] = "combined"
+  merged["parts"] = {name: p for r in results for name, p in r["parts"].items()}
+  merged["combined"] = combine(merged, first["topology"].split(":")[0])
+  return merged
 
 
 def define_flags():
@@ -308,6 +620,10 @@ def define_flags():
   flags.DEFINE_integer("batch_size", None, "Global batch (default: the config's).")
   flags.DEFINE_bool("sampling", False, "Also compile 4-step LCM sampling at batch 1 and 8 on one chip.")
   flags.DEFINE_string("output", None, "Write the plan as JSON here.")
+  flags.DEFINE_string("part", "step", "step: the whole train step; frozen, student or update: one part of it "
+                      "(teacher and EMA target / student forward and backward / optimiser and EMA update); all: "
+                      "the three parts one after another and their combined estimate.")
+  flags.DEFINE_list("combine", None, "Part plans (--output JSONs of --part runs) to add up instead of compiling.")
   return config
 
 
@@ -315,14 +631,21 @@ def main(config_flag) -> None:
   from absl import flags
 
   from lcm_jax.errors import LcmJaxError
+  FLAGS = flags.FLAGS
+  if FLAGS.combine:
+    result = combine_files(FLAGS.combine)
+    if FLAGS.output:
+      with open(FLAGS.output, "w") as f:
+        json.dump(result, f, indent=2)
+      print(f"wrote {FLAGS.output}")
+    return
   config = config_flag.value
   if config is None:
     raise LcmJaxError("--config is required, e.g. --config=configs/sd21_768.py")
-  FLAGS = flags.FLAGS
   if FLAGS.batch_size:
     with config.unlocked():
       config.batch_size = FLAGS.batch_size
-  result = plan(config, FLAGS.topology, FLAGS.sampling)
+  result = plan(config, FLAGS.topology, FLAGS.sampling, FLAGS.part)
   if FLAGS.output:
     with open(FLAGS.output, "w") as f:
       json.dump(result, f, indent=2)
