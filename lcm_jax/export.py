@@ -75,6 +75,16 @@ def card_for(pipe, source: str, *, repo_id: str | None, params: str, base_model:
   return model_card.model_card(**facts)
 
 
+def lora_card_for(workdir: str, folder: str, *, repo_id: str | None, params: str, base_model: str | None) -> str:
+  """The model card of a LoRA run's adapter: its base is the run's teacher (or --base_model)."""
+  from lcm_jax import model_card
+  from lcm_jax import workdir as workdir_lib
+  path = os.path.expanduser(workdir)
+  return model_card.lora_card(base_model=base_model or workdir_lib.model_info(path)["teacher"], source=workdir,
+                              folder=folder, repo_id=repo_id, training=workdir_lib.saved_config(path) or {},
+                              step=workdir_lib.latest_step(path), params=params)
+
+
 def write_card(folder: str, text: str) -> str:
   from lcm_jax.model_card import CARD_FILE
   path = os.path.join(folder, CARD_FILE)
@@ -137,7 +147,10 @@ def export_lora_only(start: float) -> None:
   """--lora-only: the adapter of a LoRA run's checkpoint, in diffusers' LoRA format (and pushed)."""
   from lcm_jax.workdir import export_lora
   path = export_lora(FLAGS.model, FLAGS.output, params=FLAGS.params, dtype=FLAGS.dtype, overwrite=FLAGS.overwrite)
-  print(f"exported the LoRA adapter of {FLAGS.model} to {path} in {time.perf_counter() - start:.1f}s", flush=True)
+  card = write_card(FLAGS.output, lora_card_for(FLAGS.model, FLAGS.output, repo_id=FLAGS.push_to_hub,
+                                                params=FLAGS.params, base_model=FLAGS.base_model))
+  print(f"exported the LoRA adapter of {FLAGS.model} to {path} in {time.perf_counter() - start:.1f}s "
+        f"(model card: {card})", flush=True)
   if FLAGS.push_to_hub:
     print(f"pushing {FLAGS.output} to {FLAGS.push_to_hub} ...", flush=True)
     print(f"pushed to {push_folder(FLAGS.output, FLAGS.push_to_hub, token=FLAGS.token, private=FLAGS.private)}")

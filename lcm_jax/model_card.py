@@ -158,3 +158,40 @@ def model_card(*, model_index: Mapping, unet_config: Mapping, scheduler_config: 
   if training is not None:
     text += ["", training_section(training, step, params)]
   return "\n".join(text) + "\n"
+
+
+def lora_card(*, base_model: str, source: str, folder: str, repo_id: str | None = None, training: Mapping | None = None,
+              step: int | None = None, params: str = "ema", num_inference_steps: int = 4,
+              prompt: str = "a photo of a red fox in the snow, highly detailed") -> str:
+  """The README.md of a `--lora-only` export: an LCM-LoRA adapter for `base_model` (the run's
+  teacher), loaded into the base with diffusers' `load_lora_weights`, sampled with the
+  LCMScheduler at guidance scale 1 (the adapter has no guidance input; w was distilled in).
+  `source` is the run's workdir, `folder` the export (the snippet loads `repo_id`, else `folder`)."""
+  from huggingface_hub import ModelCardData
+  tags = ["text-to-image", "stable-diffusion", "diffusers", "lora", "lcm-jax", "latent-consistency-model",
+          "lcm", "lcm-lora"]
+  data = ModelCardData(base_model=_hub_id(base_model), library_name="diffusers", pipeline_tag="text-to-image",
+                       license=license_of(base_model), tags=tags)
+  where = repo_id or folder
+  title = repo_id.split("/")[-1] if repo_id else os.path.basename(os.path.normpath(folder)) or folder
+  snippet = "\n".join([
+      "import torch", "from diffusers import DiffusionPipeline, LCMScheduler", "",
+      f"pipe = DiffusionPipeline.from_pretrained({base_model!r}, torch_dtype=torch.float16)",
+      "pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)",
+      f"pipe.load_lora_weights({where!r})", "pipe.fuse_lora()", 'pipe.to("cuda")',
+      f"image = pipe({prompt!r}, num_inference_steps={num_inference_steps}, guidance_scale=1, "
+      "generator=torch.manual_seed(0)).images[0]",
+      'image.save("image.png")'])
+  text = [f"---\n{data.to_yaml()}\n---", "", f"# {title}", "",
+          f"An LCM-LoRA adapter for `{base_model}`, distilled with lcm-jax from the run `{source}` (JAX/Flax) and saved in diffusers' "
+          "LoRA format (`pytorch_lora_weights.safetensors`). Loaded into the base model (or a fine-tune of it) "
+          f"it samples in 2-8 steps with the LCMScheduler; {num_inference_steps} steps, guidance scale 1 "
+          "(no negative prompt: the guidance is distilled into the adapter).", "",
+          "## Use with diffusers", "", "```python", snippet, "```", "",
+          "With lcm-jax:", "", "```bash",
+          f"python -m lcm_jax.sample --model {base_model} --lora {where} --prompt {json.dumps(prompt)} "
+          f"--steps {num_inference_steps} --guidance_scale 1 --output out/", "```"]
+  if training is not None:
+    text += ["", training_section(training, step, params)]
+  return "\n".join(text) + "\n"
+

@@ -117,7 +117,7 @@ def test_lora_only_export_loads_in_diffusers_and_equals_the_fused_model(run, tmp
   proc = subprocess.run([sys.executable, "-m", "lcm_jax.export", f"--model={workdir}", "--lora-only",
                          f"--output={out}"], capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr
-  assert os.listdir(out) == [lora.LORA_WEIGHTS_NAME]
+  assert sorted(os.listdir(out)) == ["README.md", lora.LORA_WEIGHTS_NAME]  # the adapter and its model card
   torch_pipe = _torch_pipe(teacher)
   torch_pipe.load_lora_weights(out, adapter_name="lcm")
   loaded = peft.get_peft_model_state_dict(torch_pipe.unet, adapter_name="lcm")
@@ -142,6 +142,34 @@ def test_lora_only_export_loads_in_diffusers_and_equals_the_fused_model(run, tmp
   assert exported.unet.config.time_cond_proj_dim is None
   err, bound = fp32_error(_theirs(exported), ref)
   assert err <= bound
+  _check_lora_card(out, exported, teacher, tmp_path)
+
+
+def _check_lora_card(out: str, fused_export, teacher: str, tmp_path) -> None:
+  """The --lora-only card: hub-parseable front matter, and its diffusers snippet (base + LCMScheduler +
+  load_lora_weights + fuse_lora, guidance 1, seed 0), run as pasted, draws the image that the fused
+  export draws with the same call; the base alone draws another."""
+  import torch
+  from huggingface_hub import ModelCard
+  from tests.test_model_card import _run_snippet, _snippet
+  card = ModelCard.load(os.path.join(out, "README.md"))
+  assert {"lora", "lcm-lora", "diffusers"} <= set(card.data.tags) and card.data.library_name == "diffusers"
+  assert f"An LCM-LoRA adapter for `{teacher}`" in card.text and "exported from step 2" in card.text
+  snippet = _snippet(card.text)
+  assert f"load_lora_weights({out!r})" in snippet and f"from_pretrained({teacher!r}" in snippet
+  image = _run_snippet(snippet, tmp_path).astype(np.float64)
+
+  def draw(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("a photo of a red fox in the snow, highly detailed", num_inference_steps=4, guidance_scale=1,
+               generator=torch.manual_seed(0), output_type="np").images[0]
+    return np.round(out * 255)
+
+  assert np.abs(image - draw(fused_export)).max() <= 2
+  base = diffusers.StableDiffusionPipeline.from_pretrained(teacher)
+  base.scheduler = diffusers.LCMScheduler.from_config(base.scheduler.config)
+  base_diff = np.abs(image - draw(base))
+  assert base_diff.max() > 4 and base_diff.mean() > 0.5  # measured 8 and 1.23: the adapter changes the image
 
 
 def test_lora_only_export_of_a_full_run_is_one_line(tmp_path):

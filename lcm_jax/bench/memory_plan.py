@@ -23,6 +23,33 @@ state, EMA target, frozen models, batch), outputs, temporaries and their total a
 chip's HBM; FLOPs per step; and the roofline step time and samples/s at the chip's peak bf16
 FLOP/s. `--sampling` adds the 4-step LCM sampling function at batch 1 and 8 on one chip.
 `--output plan.json` writes everything.
+
+**The step in parts** (`--part=frozen|student|update|all`; default `--part=step`, the whole
+step). A whole SD 2.1 step can take the TPU compiler hours and most of a small machine's
+memory, so the step can be compiled in three parts, each with the real step's shardings and
+the trainer's own code (`part_steps`):
+
+* `frozen`: the no-gradient half of the loss: batch preparation, the draws, the guided
+  teacher's solver step (LCD) and the EMA target's forward, per microbatch; its outputs are
+  the tensors the student's loss needs (z_{t_{n+k}}, t_{n+k}, the context, the guidance
+  embedding, the target f_theta-(z_{t_n})).
+* `student`: the student's forward and backward on those tensors (the config's microbatches,
+  remat and attention): the loss and the float32 grads in the parameters' shardings.
+* `update`: `lcm_jax.train_step.make_train_step` itself on the grads: clipping, AdamW, the
+  EMA update and the metrics, the state donated.
+
+Per chip, the *persistent* bytes P are the train state (student, Adam moments, EMA target) and
+the frozen models (teacher, ...), as laid out by the compiler; each part's *transient* bytes T_p
+are its arguments beyond P (batch, carried tensors, grads) + its outputs that alias no input +
+its temporaries. The combined estimate is
+
+    peak ~= P + max_p T_p      (P counted once; FLOPs: the sum of the parts)
+
+which is exactly the peak of running the three parts one after another. The fused step does
+the same arithmetic on the same buffers, so it needs as much, unless XLA's scheduler keeps
+one part's buffers alive while it runs another (e.g. prefetches the student's gathered
+weights during the teacher's forward): that overlap is not bounded here. `--combine=a.json,
+b.json,c.json` adds up parts compiled by separate runs.
 """
 
 from __future__ import annotations
@@ -42,6 +69,7 @@ GIB = 2 ** 30
 # what the runtime reserves); v5p and v6e: the published figures.
 CHIPS = {"v4": (30.75 * GIB, 275e12), "v5e": (15.75 * GIB, 197e12), "v5litepod": (15.75 * GIB, 197e12),
          "v5p": (95 * GIB, 459e12), "v6e": (32 * GIB, 918e12)}
+MEGACORE = ("v4", "v5p")
 
 
 def force_cpu_devices(argv: list[str]) -> None:
@@ -68,7 +96,10 @@ def topology_devices(topology: str) -> tuple[list, str]:
   attention.set_target_platform("tpu")
   try:
     from jax.experimental import topologies
-    desc = topologies.get_topology_desc(topology_name=topology, platform="tpu")
+    # v4 and v5p chips run as one device of two TensorCores (megacore), as a real slice
+    # presents them; without this the description has a device per TensorCore.
+    options = {"chip_config_name": "megacore"} if topology.split(":")[0] in MEGACORE else {}
+    desc = topologies.get_topology_desc(topology_name=topology, platform="tpu", **options)
   except Exception as e:  # noqa: BLE001  libtpu missing, or an unknown topology name
     raise LcmJaxError(f"cannot describe TPU topology {topology!r} ({type(e).__name__}: {str(e).splitlines()[0]}); "
                       "install libtpu with `pip install 'lcm-jax[plan]'` and use names such as v5e:2x4, "
@@ -549,12 +580,12 @@ def report(name: str, compiled: Compiled, chip: str, samples: int) -> dict:
 
 
 def plan(config, topology: str, sampling: bool, part: str = "step") -> dict:
-  """Compiles the step, or its parts (`part`: one of PARTS, or "all"), and optionally sampling,
-  for the topology; reports per chip."""
+  """Compiles the step, or its parts (`part`: one of PARTS, or "all"; "state": only the persistent
+  bytes), and optionally sampling, for the topology; reports per chip."""
   from lcm_jax.errors import LcmJaxError
   from lcm_jax.sharding import make_mesh
-  if part not in ("step", "all", *PARTS):
-    raise LcmJaxError(f"--part={part!r}: choose step, all or one of {', '.join(PARTS)}")
+  if part not in ("step", "all", "state", *PARTS):
+    raise LcmJaxError(f"--part={part!r}: choose step, all, state or one of {', '.join(PARTS)}")
   devices, chip = topology_devices(topology)
   with tempfile.TemporaryDirectory() as scratch:
     resolve_teacher(config, scratch)
@@ -569,7 +600,11 @@ def plan(config, topology: str, sampling: bool, part: str = "step") -> dict:
               "remat": config.remat, "attention": config.attention, "data_format": config.data.format,
               "student": config.get("student", "full"), "mode": config.mode,
               "precision": dict(config.precision), "part": part}
-    if part == "step":
+    if part == "state":
+      result["persistent_bytes"] = persistent_bytes(build_run(config, devices))
+      print(f"persistent per chip: train state {result['persistent_bytes']['state'] / GIB:.3f} GiB, frozen models "
+            f"{result['persistent_bytes']['frozen_models'] / GIB:.3f} GiB", flush=True)
+    elif part == "step":
       lowered, _ = lower_train_step(config, devices)
       result["train_step"] = report("train step", Compiled.of(lowered, step_flops(config, devices)), chip, per_chip)
     else:
@@ -622,7 +657,8 @@ def define_flags():
   flags.DEFINE_string("output", None, "Write the plan as JSON here.")
   flags.DEFINE_string("part", "step", "step: the whole train step; frozen, student or update: one part of it "
                       "(teacher and EMA target / student forward and backward / optimiser and EMA update); all: "
-                      "the three parts one after another and their combined estimate.")
+                      "the three parts one after another and their combined estimate; state: only the persistent bytes "
+                      "(train state and frozen models per chip).")
   flags.DEFINE_list("combine", None, "Part plans (--output JSONs of --part runs) to add up instead of compiling.")
   return config
 
