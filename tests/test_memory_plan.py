@@ -114,8 +114,9 @@ def test_parts_compute_the_train_steps_loss_and_update(tiny_pipeline, student, m
   if student == "lora":
     config.student, config.lora.rank = "lora", 4
   run = memory_plan.build_run(config, jax.devices("cpu")[:1])
-  keys = iter(jax.random.split(jax.random.PRNGKey(0), 64))
-  fill = lambda a: (0.1 * jax.random.normal(next(keys), a.shape)).astype(a.dtype)
+  count = iter(range(10 ** 6))
+  fill = lambda a: (0.1 * jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(0), next(count)), a.shape)
+                    ).astype(a.dtype)
   frozen = jax.tree.map(fill, run.frozen.arrays)
   params = jax.tree.map(fill, run.student.abstract)
   batch = jax.tree.map(fill, run.batch)

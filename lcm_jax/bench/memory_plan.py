@@ -73,7 +73,11 @@ MEGACORE = ("v4", "v5p")
 
 
 def force_cpu_devices(argv: list[str]) -> None:
-  """`--topology=cpu:N` needs N host devices, which XLA reads from XLA_FLAGS at JAX's import."""
+  """`--topology=cpu:N` needs N host devices, and `--buffer_assignment_dir` the compiler's dumps,
+  both of which XLA reads from XLA_FLAGS at JAX's import."""
+  dump = next((a.split("=", 1)[1] for a in argv if a.startswith("--buffer_assignment_dir=")), "")
+  if dump:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={dump}").strip()
   topology = next((a.split("=", 1)[1] for a in argv if a.startswith("--topology=")), "")
   if topology.startswith("cpu:"):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -148,6 +152,7 @@ class Compiled:
   flops: float
   compile_seconds: float
   error: str | None = None
+  source: str = "memory_analysis"  # or "buffer_assignment" (BufferAssignmentWatch)
 
   @property
   def total_bytes(self) -> int:
@@ -155,11 +160,21 @@ class Compiled:
     return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
 
   @classmethod
-  def of(cls, lowered, flops: float | None = None) -> "Compiled":
-    """Compiles `lowered`; `flops` (per chip) replaces the compiler's count when given."""
+  def of(cls, lowered, flops: float | None = None, dump_dir: str | None = None, module: str = "") -> "Compiled":
+    """Compiles `lowered`; `flops` (per chip) replaces the compiler's count when given. With
+    `dump_dir` (the process's --xla_dump_to) the numbers are read from the buffer assignment of
+    the HLO module `module` (jit_<function name>) as soon as the compiler writes it, before code
+    generation ends (see BufferAssignmentWatch)."""
     start = time.perf_counter()
     try:
-      executable = lowered.compile()
+      if dump_dir:
+        found = BufferAssignmentWatch(dump_dir, module).compile(lowered)
+        if isinstance(found, dict):
+          return cls(**found, flops=flops or 0.0, compile_seconds=time.perf_counter() - start,
+                     source="buffer_assignment")
+        executable = found
+      else:
+        executable = lowered.compile()
     except Exception as e:  # noqa: BLE001  XLA's RESOURCE_EXHAUSTED comes as a runtime error
       message = " ".join(str(e).split())
       needed = re.search(r"HLO temporaries \(([\d.]+)G\)", message)
@@ -175,6 +190,73 @@ class Compiled:
                alias_bytes=int(memory.alias_size_in_bytes), temp_bytes=int(memory.temp_size_in_bytes),
                flops=flops if flops is not None else float((cost or {}).get("flops", 0.0)),
                compile_seconds=seconds)
+
+
+def parse_buffer_assignment(text: str) -> dict:
+  """Per-device bytes of device memory (HBM: memory space 0) in an XLA buffer-assignment dump:
+  entry parameters, outputs that alias no parameter (maybe-live-out), and the rest (constants
+  and thread-local values included, as the TPU compiler's memory-usage report counts them) as
+  temporaries. Allocations in other memory spaces (", color N": the TPU's VMEM, SMEM) are
+  on-chip scratch, not HBM."""
+  out = {"argument_bytes": 0, "output_bytes": 0, "alias_bytes": 0, "temp_bytes": 0}
+  for size, flags in re.findall(r"^allocation \d+: size (\d+)([^\n]*)", text, flags=re.M):
+    if re.search(r", color [1-9]", flags):
+      continue
+    key = ("argument_bytes" if ", parameter " in flags else
+           "output_bytes" if ", maybe-live-out" in flags and ", thread-local" not in flags else "temp_bytes")
+    out[key] += int(size)
+  return out
+
+
+class BufferAssignmentWatch:
+  """Compiles in a thread and returns the memory numbers once the compiler has dumped the
+  module's buffer assignment (`--xla_dump_to`), without waiting for code generation.
+
+  The TPU compiler assigns buffers after its HLO passes (a minute for an SD 2.1 part here) and
+  then spends most of its time (hours on a small host) generating each kernel's code. The
+  numbers are the buffer assignment's HBM allocations (`parse_buffer_assignment`): what the
+  compiler's own out-of-memory check reads (its memory-usage report sums the same
+  allocations). They are the HLO-level plan: code generation can still move small buffers to
+  on-chip memory or add scratch (on the tiny test UNet the finished compile's memory_analysis()
+  differed by tens of MiB either way); at SD scale that is small against GiBs of activations.
+  The process must exit after its report (`os._exit`): the compile thread cannot be stopped.
+  """
+
+  def __init__(self, dump_dir: str, module: str, poll_seconds: float = 5.0):
+    self.dump_dir, self.module, self.poll_seconds = dump_dir, module, poll_seconds
+
+  def find(self) -> str | None:
+    import glob
+    files = sorted(glob.glob(os.path.join(self.dump_dir, f"*.{self.module}.*buffer-assignment.txt")))
+    return files[0] if files else None
+
+  def compile(self, lowered):
+    import threading
+    done: list = []
+    thread = threading.Thread(target=lambda: done.append(_try(lowered.compile)), daemon=True)
+    thread.start()
+    last_size = -1
+    while True:
+      thread.join(self.poll_seconds)
+      if done:
+        ok, value = done[0]
+        if not ok:
+          raise value
+        return value
+      path = self.find()
+      if path:
+        size = os.path.getsize(path)
+        if size == last_size and size > 0:
+          with open(path) as f:
+            return parse_buffer_assignment(f.read())
+        last_size = size
+
+
+def _try(fn):
+  try:
+    return True, fn()
+  except Exception as e:  # noqa: BLE001  re-raised in the caller's thread
+    return False, e
 
 
 @dataclasses.dataclass
@@ -527,9 +609,12 @@ def combine(result: dict, chip: str) -> dict:
   return out
 
 
-def plan_parts(config, devices, chip: str, parts) -> dict:
-  """Compiles the named parts one after another; their reports, the persistent bytes and the
-  combined estimate."""
+MODULES = {"frozen": "jit_frozen_part", "student": "jit_student_part", "update": "jit_train_step",
+           "step": "jit_train_step"}
+
+
+def plan_parts(config, devices, chip: str, parts, dump_dir: str | None = None) -> dict:
+  """Compiles the named parts one after another; their reports and the persistent bytes."""
   run = build_run(config, devices)
   steps = part_steps(run)
   args = part_arguments(run, steps)
@@ -543,7 +628,8 @@ def plan_parts(config, devices, chip: str, parts) -> dict:
     start = time.perf_counter()
     lowered = steps[name].lower(*args[name])
     lower_seconds = time.perf_counter() - start
-    out = report(f"{name} part", Compiled.of(lowered, flops[name]), chip, config.batch_size / len(devices))
+    out = report(f"{name} part", Compiled.of(lowered, flops[name], dump_dir, MODULES[name]), chip,
+                 config.batch_size / len(devices))
     out["lower_seconds"] = lower_seconds
     out["transient_bytes"] = transient_bytes(name, out, persistent)
     print(f"{name} part: transient (its own inputs, outputs and temporaries beyond the persistent state) "
@@ -556,6 +642,8 @@ def report(name: str, compiled: Compiled, chip: str, samples: int) -> dict:
   """One printed line per executable, and its numbers as a dict."""
   hbm, peak = CHIPS.get(chip, (None, None))
   out = dict(dataclasses.asdict(compiled), total_bytes=compiled.total_bytes, hbm_bytes=hbm)
+  if compiled.source == "buffer_assignment":
+    name += " (from the buffer assignment; code generation not waited for)"
   if compiled.error:
     out["fits"] = False
     print(f"{name}: DOES NOT FIT: the compiler needs {compiled.temp_bytes / GIB:.2f} GiB of temporaries alone "
@@ -579,13 +667,16 @@ def report(name: str, compiled: Compiled, chip: str, samples: int) -> dict:
   return out
 
 
-def plan(config, topology: str, sampling: bool, part: str = "step") -> dict:
+def plan(config, topology: str, sampling: bool, part: str = "step", dump_dir: str | None = None) -> dict:
   """Compiles the step, or its parts (`part`: one of PARTS, or "all"; "state": only the persistent
   bytes), and optionally sampling, for the topology; reports per chip."""
   from lcm_jax.errors import LcmJaxError
   from lcm_jax.sharding import make_mesh
   if part not in ("step", "all", "state", *PARTS):
     raise LcmJaxError(f"--part={part!r}: choose step, all, state or one of {', '.join(PARTS)}")
+  if dump_dir and (part == "all" or sampling):
+    raise LcmJaxError("--buffer_assignment_dir leaves each compile running in the background: compile one "
+                      "part (or the step) per process, without --sampling")
   devices, chip = topology_devices(topology)
   with tempfile.TemporaryDirectory() as scratch:
     resolve_teacher(config, scratch)
@@ -606,9 +697,10 @@ def plan(config, topology: str, sampling: bool, part: str = "step") -> dict:
             f"{result['persistent_bytes']['frozen_models'] / GIB:.3f} GiB", flush=True)
     elif part == "step":
       lowered, _ = lower_train_step(config, devices)
-      result["train_step"] = report("train step", Compiled.of(lowered, step_flops(config, devices)), chip, per_chip)
+      result["train_step"] = report("train step", Compiled.of(lowered, step_flops(config, devices), dump_dir,
+                                                               MODULES["step"]), chip, per_chip)
     else:
-      result.update(plan_parts(config, devices, chip, PARTS if part == "all" else (part,)))
+      result.update(plan_parts(config, devices, chip, PARTS if part == "all" else (part,), dump_dir))
       if part == "all":
         result["train_step_flops"] = step_flops(config, devices)
       result["combined"] = combine(result, chip)
@@ -659,6 +751,10 @@ def define_flags():
                       "(teacher and EMA target / student forward and backward / optimiser and EMA update); all: "
                       "the three parts one after another and their combined estimate; state: only the persistent bytes "
                       "(train state and frozen models per chip).")
+  flags.DEFINE_string("buffer_assignment_dir", None,
+                      "Dump the compiler's HLO here (--xla_dump_to) and report each compile from its buffer "
+                      "assignment as soon as it is written, then exit without waiting for code generation "
+                      "(one part or the step per process).")
   flags.DEFINE_list("combine", None, "Part plans (--output JSONs of --part runs) to add up instead of compiling.")
   return config
 
@@ -681,11 +777,14 @@ def main(config_flag) -> None:
   if FLAGS.batch_size:
     with config.unlocked():
       config.batch_size = FLAGS.batch_size
-  result = plan(config, FLAGS.topology, FLAGS.sampling, FLAGS.part)
+  result = plan(config, FLAGS.topology, FLAGS.sampling, FLAGS.part, FLAGS.buffer_assignment_dir)
   if FLAGS.output:
     with open(FLAGS.output, "w") as f:
       json.dump(result, f, indent=2)
     print(f"wrote {FLAGS.output}")
+  if FLAGS.buffer_assignment_dir:
+    sys.stdout.flush()
+    os._exit(0)  # the compiler's code generation goes on in a thread that cannot be stopped
 
 
 if __name__ == "__main__":
