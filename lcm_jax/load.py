@@ -7,13 +7,14 @@ import os
 import jax.numpy as jnp
 
 from lcm_jax import workdir as workdir_lib
+from lcm_jax.errors import LcmJaxError
 from lcm_jax.sd_pipeline import DEFAULT_COMPONENTS, Pipeline, load_pipeline_folder
 
 
 def load_pipeline(path_or_repo_id: str, *, dtype=jnp.float32, param_dtype=jnp.float32,
                   components: tuple[str, ...] = DEFAULT_COMPONENTS, variant: str | None = None,
                   revision: str | None = None, token: str | bool | None = None, params: str = "ema",
-                  loras=(), fuse: bool = True) -> Pipeline:
+                  loras=(), fuse: bool = True, attention: str = "auto") -> Pipeline:
   """Loads a Stable Diffusion / LCM pipeline into Flax modules and parameter trees.
 
   Args:
@@ -32,6 +33,8 @@ def load_pipeline(path_or_repo_id: str, *, dtype=jnp.float32, param_dtype=jnp.fl
       (path, scale) pair; several are summed (`lcm_jax.lora`).
     fuse: fuse the LoRAs into the UNet weights (default), or keep them apart and add them
       inside the sampler's compiled function.
+    attention: the attention backend of the UNet and the VAE ("auto", "xla", "chunked",
+      "cudnn", "splash": `lcm_jax.models.attention`); "auto" picks per platform.
     revision: hub revision (a branch, tag or commit hash).
     token: hub token for gated or private repos (default: the HF_TOKEN environment
       variable or the token saved by `hf auth login`).
@@ -39,12 +42,18 @@ def load_pipeline(path_or_repo_id: str, *, dtype=jnp.float32, param_dtype=jnp.fl
   Raises:
     LcmJaxError (and subclasses) with a message that says what is wrong.
   """
+  from lcm_jax.models.attention import BACKENDS
+  if attention not in BACKENDS:
+    raise LcmJaxError(f"unknown attention backend {attention!r}; choose from {', '.join(BACKENDS)}")
   path = os.path.expanduser(path_or_repo_id)
   if workdir_lib.is_workdir(path):
     pipe = workdir_lib.load_pipeline_from_workdir(path, params=params, dtype=dtype, param_dtype=param_dtype)
   else:
     pipe = load_pipeline_folder(path_or_repo_id, dtype=dtype, param_dtype=param_dtype, components=components,
                                 variant=variant, revision=revision, token=token)
+  for name in ("unet", "vae"):
+    if getattr(pipe, name, None) is not None and attention != "auto":
+      setattr(pipe, name, getattr(pipe, name).clone(attention=attention))
   if loras:
     from lcm_jax.lora import add_loras
     add_loras(pipe, loras, fuse=fuse)

@@ -60,6 +60,9 @@ def define_flags() -> None:
   flags.DEFINE_multi_string("lora", None, "A LoRA to add to the UNet, DIR[:SCALE] (a folder with "
                             "pytorch_lora_weights.safetensors, or a .safetensors file; diffusers, PEFT or kohya "
                             "naming; SCALE default 1). Repeat for several, e.g. an LCM-LoRA and a style LoRA.")
+  flags.DEFINE_enum("attention", "auto", ["auto", "xla", "chunked", "cudnn", "splash"],
+                    "Attention backend of the UNet and VAE (auto: chunked on CPU, cudnn on GPU where it applies, "
+                    "splash on TPU; xla: the materialised reference).")
   flags.DEFINE_bool("fuse_lora", True, "Fuse the LoRAs into the UNet weights once; --nofuse_lora keeps them apart "
                     "and adds them inside the compiled sampler.")
 
@@ -151,7 +154,8 @@ def main(argv: list[str]) -> None:
   dtype = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}[FLAGS.dtype]
   start = time.perf_counter()
   pipe = load_pipeline(FLAGS.model, dtype=dtype, param_dtype=dtype, params=FLAGS.params, variant=FLAGS.variant,
-                       revision=FLAGS.revision, token=FLAGS.token, loras=FLAGS.lora or (), fuse=FLAGS.fuse_lora)
+                       revision=FLAGS.revision, token=FLAGS.token, loras=FLAGS.lora or (), fuse=FLAGS.fuse_lora,
+                       attention=FLAGS.attention)
   print(f"loaded {FLAGS.model} in {time.perf_counter() - start:.1f}s", flush=True)
   t2i = text_to_image.TextToImage(pipe)
   height, width = t2i.resolve_size(FLAGS.height, FLAGS.width)

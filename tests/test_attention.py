@@ -265,3 +265,17 @@ def test_splash_under_a_mesh_runs_per_device():
   manual, error = r.stdout.split()[-2:]
   assert manual == "True"
   assert float(error) <= RTOL
+
+
+def test_load_pipeline_attention_reaches_the_unet_and_vae(tiny_pipeline):
+  """load_pipeline(..., attention=) (and so `lcm_jax.sample --attention`) sets the backend of
+  the UNet's and the VAE's attention layers; an unknown name is one LcmJaxError."""
+  from lcm_jax.errors import LcmJaxError
+  from lcm_jax.load import load_pipeline
+  pipe = load_pipeline(tiny_pipeline("sd1"), attention="xla")
+  assert (pipe.unet.attention, pipe.vae.attention) == ("xla", "xla")
+  assert _backends_used(pipe.unet, *pipe.unet.dummy_inputs()) == ["xla"] * 8
+  default = load_pipeline(tiny_pipeline("sd1"))
+  assert _backends_used(default.unet, *default.unet.dummy_inputs()) == ["auto"] * 8
+  with pytest.raises(LcmJaxError, match="unknown attention backend 'flash'"):
+    load_pipeline(tiny_pipeline("sd1"), attention="flash")

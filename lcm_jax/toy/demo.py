@@ -38,6 +38,8 @@ def _define_flags() -> None:
   flags.DEFINE_string("data", "workdirs/toy_data/teacher", "Where the toy training images are written.")
   flags.DEFINE_integer("num_images", 8000, "Training images to write.")
   flags.DEFINE_string("config", "configs/toy.py", "Training config.")
+  flags.DEFINE_enum("attention", "auto", ["auto", "xla", "chunked"], "Attention backend of training and of the "
+                    "grid's sampling (xla: the materialised reference; auto: chunked on CPU).")
   flags.DEFINE_multi_string("train_flag", [], "Extra flags for lcm_jax.train, e.g. "
                             "--train_flag=--config.num_train_steps=50.")
 
@@ -72,7 +74,8 @@ def write_data(path: str, n: int) -> None:
 
 def distil() -> None:
   command = [sys.executable, "-m", "lcm_jax.train", f"--config={FLAGS.config}", f"--workdir={FLAGS.workdir}",
-             f"--config.teacher={FLAGS.teacher}", f"--config.data.path={FLAGS.data}", *FLAGS.train_flag]
+             f"--config.teacher={FLAGS.teacher}", f"--config.data.path={FLAGS.data}",
+             f"--config.attention={FLAGS.attention}", *FLAGS.train_flag]
   print("[demo] 2/3 distilling:", " ".join(command[1:]), flush=True)
   start = time.perf_counter()
   if subprocess.call(command) != 0:
@@ -84,12 +87,11 @@ def comparison_grid() -> str:
   from lcm_jax import figures
   from lcm_jax.load import load_pipeline
   from lcm_jax.text_to_image import TextToImage
-  from lcm_jax.workdir import load_pipeline_from_workdir
 
   start = time.perf_counter()
   prompts = list(DEMO_PROMPTS)
-  teacher = TextToImage(load_pipeline(FLAGS.teacher))
-  lcm = TextToImage(load_pipeline_from_workdir(FLAGS.workdir, "ema"))
+  teacher = TextToImage(load_pipeline(FLAGS.teacher, attention=FLAGS.attention))
+  lcm = TextToImage(load_pipeline(FLAGS.workdir, attention=FLAGS.attention))
   rows = [teacher(prompts, sampler="ddim", num_steps=TEACHER_STEPS, guidance_scale=GUIDANCE_SCALE)]
   labels = [f"teacher DDIM {TEACHER_STEPS}"]
   for steps in LCM_STEPS:
