@@ -250,6 +250,43 @@ def test_make_loss_fn_dispatches_on_the_step():
   np.testing.assert_allclose(float(loss2), float(gd.weighted_l2(terms["prediction"], terms["target"],
                                                                  terms["weight"])), rtol=1e-5)
   assert float(m2["teacher_steps"]) == 4
+  # The loss compiled for one stage (the trainer's StagedStep) is the same function at its steps.
+  batch = {"latents": latents, "context": context}
+  for stage, step, loss, metrics in ((1, 2, loss1, m1), (2, 9, loss2, m2)):
+    fixed = gd.make_loss_fn(st.student_apply, st.teacher_apply, st.schedule, CONFIG, stage=stage)
+    assert gd.stage_of(step, CONFIG) == stage
+    loss_s, m_s = fixed(st.student_params, st.target_params, frozen, batch, rng, jnp.int32(step))
+    np.testing.assert_allclose(float(loss_s), float(loss), rtol=1e-6)
+    assert float(m_s["teacher_steps"]) == float(metrics["teacher_steps"])
+  with pytest.raises(LcmJaxError, match="stage must be None, 1 or 2"):
+    gd.make_loss_fn(st.student_apply, st.teacher_apply, st.schedule, CONFIG, stage=3)
+
+
+def test_staged_step_compiles_one_function_per_stage_and_switches_on_the_host():
+  """The trainer's Guided-Distill step: the first step's stage compiled at once, the other on
+  its first call, each step run by its stage's function (stage 1 below stage1_steps = 5)."""
+  from lcm_jax.training.trainer import StagedStep
+  compiled = []
+
+  class Jitted:
+    def __init__(self, stage):
+      self.stage = stage
+
+    def lower(self, *args):
+      return self
+
+    def compile(self):
+      compiled.append(self.stage)
+      return lambda state, frozen, batch: (state.replace(step=state.step + 1), {"stage": self.stage})
+
+  state = create_train_state({"w": jnp.zeros(3)}, optax.sgd(0.1), jax.random.key(0)).replace(step=jnp.int32(3))
+  staged = StagedStep(lambda gd_stage=None: (Jitted(gd_stage), lambda b: b), CONFIG, state, None, {}, lambda m: None)
+  assert compiled == [1]
+  stages = []
+  for _ in range(4):
+    state, metrics = staged(state, None, {})
+    stages.append(metrics["stage"])
+  assert stages == [1, 1, 2, 2] and compiled == [1, 2] and int(state.step) == 7
 
 
 def test_config_checks_the_step_budget():

@@ -247,16 +247,19 @@ def unet_apply(module):
 
 
 def make_step(config: ml_collections.ConfigDict, schedule: Schedule, mesh: jax.sharding.Mesh, student: Student,
-              frozen: FrozenModels, state_shardings, latents_format: bool) -> tuple[Callable, Callable[[dict], dict]]:
+              frozen: FrozenModels, state_shardings, latents_format: bool,
+              gd_stage: int | None = None) -> tuple[Callable, Callable[[dict], dict]]:
   """(the jitted, sharded step, host batch -> device batch): batch preparation (VAE and text
   encoder for image batches, the posterior draw) and the consistency loss in one step. Works
-  on abstract arrays too (`lcm_jax.bench.memory_plan` compiles it without weights)."""
+  on abstract arrays too (`lcm_jax.bench.memory_plan` compiles it without weights).
+  gd_stage: Guided-Distill only: the stage the step is compiled for (None: either, chosen
+  on the device by the step count; `guided_distill.make_loss_fn`)."""
   unet_config = student.module.config
   ema_decay, loss_takes_step = config.ema_decay, False
   if config.mode == "guided_distill":
     gd_config = guided_distill_config(config, int(unet_config.time_cond_proj_dim))
     consistency_loss = guided_distill.make_loss_fn(unet_apply(student.module), unet_apply(frozen.teacher), schedule,
-                                                   gd_config)
+                                                   gd_config, stage=gd_stage)
     # The train state's target is the round's teacher: frozen, replaced by the student at each round's end.
     ema_decay, loss_takes_step = functools.partial(guided_distill.target_decay, config=gd_config), True
   else:
@@ -293,13 +296,45 @@ def compile_step(plan: RunPlan, student: Student, frozen: FrozenModels, state: T
                     resolution=config.resolution,
                     latent_hw=config.resolution // downsampling_factor(sources.vae_config),
                     latent_channels=int(unet_config.in_channels), context_dim=int(unet_config.cross_attention_dim))
-  train_step, to_device = make_step(config, plan.schedule, plan.mesh, student, frozen, state_shardings,
-                                    plan.latents_format)
+  make = functools.partial(make_step, config, plan.schedule, plan.mesh, student, frozen, state_shardings,
+                           plan.latents_format)
+  if config.mode == "guided_distill":
+    gd_config = guided_distill_config(config, int(student.module.config.time_cond_proj_dim))
+    return StagedStep(make, gd_config, state, frozen.arrays, host_batch, plan.log), make()[1]
+  train_step, to_device = make()
   plan.log("compiling the train step ...")
   start = time.perf_counter()
   compiled = train_step.lower(state, frozen.arrays, to_device(host_batch)).compile()
   plan.log(f"compiled in {time.perf_counter() - start:.1f}s")
   return compiled, to_device
+
+
+class StagedStep:
+  """Guided-Distill's step as one compiled function per stage, chosen on the host by the step
+  count (stage 1, then the progressive rounds): a stage chosen inside the compiled step (a
+  `lax.cond`) ran ~10x slower on CPU. The stage of the first step is compiled at once, the
+  other on its first call. Called as the compiled step: (state, frozen, batch) -> (state, metrics)."""
+
+  def __init__(self, make: Callable, gd_config, state: TrainState, frozen_arrays, host_batch: dict, log):
+    self.make, self.gd_config, self.log = make, gd_config, log
+    self.next_step = int(jax.device_get(state.step))
+    self.compiled: dict[int, Callable] = {}
+    stage = guided_distill.stage_of(self.next_step, gd_config)
+    self._compile(stage, state, frozen_arrays, host_batch)
+
+  def _compile(self, stage: int, state, frozen_arrays, batch: dict, on_device: bool = False) -> Callable:
+    train_step, to_device = self.make(gd_stage=stage)
+    self.log(f"compiling the train step (Guided-Distill stage {stage}) ...")
+    start = time.perf_counter()
+    self.compiled[stage] = train_step.lower(state, frozen_arrays, batch if on_device else to_device(batch)).compile()
+    self.log(f"compiled in {time.perf_counter() - start:.1f}s")
+    return self.compiled[stage]
+
+  def __call__(self, state: TrainState, frozen_arrays, batch) -> tuple[TrainState, dict]:
+    stage = guided_distill.stage_of(self.next_step, self.gd_config)
+    step_fn = self.compiled.get(stage) or self._compile(stage, state, frozen_arrays, batch, on_device=True)
+    self.next_step += 1
+    return step_fn(state, frozen_arrays, batch)
 
 
 def make_loop(plan: RunPlan, cleanup: contextlib.ExitStack, frozen: FrozenModels, tokenizer, step_fn, to_device,
