@@ -41,6 +41,8 @@ DEFAULT_RULES: tuple[tuple[str, str | PartitionSpec], ...] = (
     (r"(^|/)(bias|scale|embedding)$", REPLICATED),
     # Conv [kh, kw, in, out] and Dense [in, out] kernels hold almost all UNet parameters.
     (r"(^|/)kernel$", FSDP),
+    # LoRA adapters (lcm_jax.lora): the whole trained state of a LoRA run, split like kernels.
+    (r"(^|/)lora_[AB]$", FSDP),
     (r".*", REPLICATED),
 )
 

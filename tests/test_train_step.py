@@ -468,3 +468,20 @@ def test_grad_accum_rejects_batches_that_do_not_split():
     accumulated_value_and_grad(_regression_loss, params, None, None, batch, jax.random.key(0), 4)
   with pytest.raises(LcmJaxError, match="grad_accum_steps must be a positive integer"):
     make_train_step(_regression_loss, make_optimizer(1e-3), 0.9, grad_accum_steps=0)
+
+
+def test_default_rules_split_an_sd21_lora_adapter():
+  """A LoRA run's trained state is its adapters (lcm_jax.lora): under FSDP the default table
+  splits them like kernels (the memory plan found them replicated at fsdp 8 before the rule)."""
+  from lcm_jax import lora
+  unet = pytest.importorskip("lcm_jax.models.unet")
+  config = unet.UNetConfig(cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
+                           use_linear_projection=True)
+  model = unet.UNet2DConditionModel(config)
+  abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), *model.dummy_inputs())["params"]
+  adapters = jax.eval_shape(lambda: lora.init_lora(jax.random.PRNGKey(0), abstract, 64))
+  flat = jax.tree_util.tree_flatten_with_path(adapters)[0]
+  specs = jax.tree.leaves(param_partition_specs(adapters, 8), is_leaf=lambda x: isinstance(x, P))
+  total = sum(leaf.size for _, leaf in flat)
+  split = sum(leaf.size for (_, leaf), spec in zip(flat, specs) if spec != P())
+  assert total > 1e7 and split / total > 0.99, split / total
