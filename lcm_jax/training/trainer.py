@@ -300,13 +300,20 @@ def compile_step(plan: RunPlan, student: Student, frozen: FrozenModels, state: T
                            plan.latents_format)
   if config.mode == "guided_distill":
     gd_config = guided_distill_config(config, int(student.module.config.time_cond_proj_dim))
-    return StagedStep(make, gd_config, state, frozen.arrays, host_batch, plan.log), make()[1]
+    staged = StagedStep(make, gd_config, state, frozen.arrays, host_batch, plan.log)
+    return staged, staged.to_device
   train_step, to_device = make()
-  plan.log("compiling the train step ...")
+  return compile_logged(train_step, state, frozen.arrays, to_device(host_batch), plan.log), to_device
+
+
+def compile_logged(train_step, state: TrainState, frozen_arrays, device_batch, log,
+                   what: str = "the train step") -> Callable:
+  """`train_step` compiled ahead of time on these arguments' shapes, its time logged."""
+  log(f"compiling {what} ...")
   start = time.perf_counter()
-  compiled = train_step.lower(state, frozen.arrays, to_device(host_batch)).compile()
-  plan.log(f"compiled in {time.perf_counter() - start:.1f}s")
-  return compiled, to_device
+  compiled = train_step.lower(state, frozen_arrays, device_batch).compile()
+  log(f"compiled in {time.perf_counter() - start:.1f}s")
+  return compiled
 
 
 class StagedStep:
@@ -319,15 +326,15 @@ class StagedStep:
     self.make, self.gd_config, self.log = make, gd_config, log
     self.next_step = int(jax.device_get(state.step))
     self.compiled: dict[int, Callable] = {}
+    self.to_device = None  # host batch -> device batch (the same for both stages)
     stage = guided_distill.stage_of(self.next_step, gd_config)
     self._compile(stage, state, frozen_arrays, host_batch)
 
   def _compile(self, stage: int, state, frozen_arrays, batch: dict, on_device: bool = False) -> Callable:
-    train_step, to_device = self.make(gd_stage=stage)
-    self.log(f"compiling the train step (Guided-Distill stage {stage}) ...")
-    start = time.perf_counter()
-    self.compiled[stage] = train_step.lower(state, frozen_arrays, batch if on_device else to_device(batch)).compile()
-    self.log(f"compiled in {time.perf_counter() - start:.1f}s")
+    train_step, self.to_device = self.make(gd_stage=stage)
+    self.compiled[stage] = compile_logged(train_step, state, frozen_arrays,
+                                          batch if on_device else self.to_device(batch), self.log,
+                                          f"the train step (Guided-Distill stage {stage})")
     return self.compiled[stage]
 
   def __call__(self, state: TrainState, frozen_arrays, batch) -> tuple[TrainState, dict]:
