@@ -7,7 +7,6 @@ import os
 import jax.numpy as jnp
 
 from lcm_jax import workdir as workdir_lib
-from lcm_jax.errors import LcmJaxError
 from lcm_jax.sd_pipeline import DEFAULT_COMPONENTS, Pipeline, load_pipeline_folder
 
 
@@ -42,9 +41,8 @@ def load_pipeline(path_or_repo_id: str, *, dtype=jnp.float32, param_dtype=jnp.fl
   Raises:
     LcmJaxError (and subclasses) with a message that says what is wrong.
   """
-  from lcm_jax.models.attention import BACKENDS
-  if attention not in BACKENDS:
-    raise LcmJaxError(f"unknown attention backend {attention!r}; choose from {', '.join(BACKENDS)}")
+  from lcm_jax.models.attention import check_backend
+  check_backend(attention)
   path = os.path.expanduser(path_or_repo_id)
   if workdir_lib.is_workdir(path):
     pipe = workdir_lib.load_pipeline_from_workdir(path, params=params, dtype=dtype, param_dtype=param_dtype)

@@ -118,6 +118,26 @@ def training_section(config: Mapping[str, Any], step: int | None, params: str) -
   return "\n".join(lines)
 
 
+def _title(repo_id: str | None, path: str) -> str:
+  """The card's heading: the hub repo's name, else the folder's name."""
+  return repo_id.split("/")[-1] if repo_id else os.path.basename(os.path.normpath(path)) or path
+
+
+def _assemble(*, base: str | None, tags: list[str], title: str, intro: str, usage: str, snippet: str,
+              cli: str, training: Mapping | None, step: int | None, params: str) -> str:
+  """One card: front matter (base_model, licence, tags), heading, intro, the diffusers snippet,
+  the lcm-jax command and, for a workdir export, the training section."""
+  from huggingface_hub import ModelCardData
+  data = ModelCardData(base_model=_hub_id(base), library_name="diffusers", pipeline_tag="text-to-image",
+                       license=license_of(base), tags=tags)
+  text = [f"---\n{data.to_yaml()}\n---", "", f"# {title}", "", intro, "", "## Use with diffusers", ""]
+  text += [usage, ""] if usage else []
+  text += ["```python", snippet, "```", "", "With lcm-jax:", "", "```bash", cli, "```"]
+  if training is not None:
+    text += ["", training_section(training, step, params)]
+  return "\n".join(text) + "\n"
+
+
 def model_card(*, model_index: Mapping, unet_config: Mapping, scheduler_config: Mapping, source: str,
                base_model: str | None = None, repo_id: str | None = None, training: Mapping | None = None,
                step: int | None = None, params: str = "ema", guidance_scale: float | None = None,
@@ -132,32 +152,22 @@ def model_card(*, model_index: Mapping, unet_config: Mapping, scheduler_config: 
     step, params: the checkpoint exported ("ema" or "online").
     guidance_scale: the scale the run sampled with (config.sample_guidance_scale).
   """
-  from huggingface_hub import ModelCardData
   recipe = sampling_recipe(model_index, unet_config, scheduler_config, guidance_scale)
   is_lcm = recipe.num_inference_steps <= 8
   tags = ["text-to-image", "stable-diffusion", "diffusers", "lcm-jax"]
   tags += ["latent-consistency-model", "lcm"] if is_lcm else []
-  base = base_model or source
-  data = ModelCardData(base_model=_hub_id(base), library_name="diffusers", pipeline_tag="text-to-image",
-                       license=license_of(base), tags=tags)
-  title = repo_id.split("/")[-1] if repo_id else os.path.basename(os.path.normpath(source)) or source
   kind = "A Latent Consistency Model" if is_lcm else "A Stable Diffusion pipeline"
   origin = f" distilled from `{base_model}`" if base_model else f" exported from `{source}`"
-  text = [f"---\n{data.to_yaml()}\n---", "", f"# {title}", "",
-          f"{kind}{origin} with lcm-jax (JAX/Flax), saved in the diffusers layout.", "",
-          "## Use with diffusers", "",
-          f"`{recipe.pipeline_class}`" + (f" with `{recipe.scheduler_class}`" if recipe.scheduler_class else "")
-          + f", {recipe.num_inference_steps} steps, guidance scale {recipe.guidance_scale:g}"
-          + (" (an LCM takes 1-8 steps; the guidance is distilled into it, so no negative prompt)." if is_lcm
-             else "."), "",
-          "```python", diffusers_snippet(repo_id or source, recipe, prompt), "```", "",
-          "With lcm-jax:", "", "```bash",
-          f"python -m lcm_jax.sample --model {repo_id or source} --prompt {json.dumps(prompt)} "
-          f"--steps {recipe.num_inference_steps} --guidance_scale {recipe.guidance_scale:g} --output out/",
-          "```"]
-  if training is not None:
-    text += ["", training_section(training, step, params)]
-  return "\n".join(text) + "\n"
+  usage = (f"`{recipe.pipeline_class}`" + (f" with `{recipe.scheduler_class}`" if recipe.scheduler_class else "")
+           + f", {recipe.num_inference_steps} steps, guidance scale {recipe.guidance_scale:g}"
+           + (" (an LCM takes 1-8 steps; the guidance is distilled into it, so no negative prompt)." if is_lcm
+              else "."))
+  cli = (f"python -m lcm_jax.sample --model {repo_id or source} --prompt {json.dumps(prompt)} "
+         f"--steps {recipe.num_inference_steps} --guidance_scale {recipe.guidance_scale:g} --output out/")
+  return _assemble(base=base_model or source, tags=tags, title=_title(repo_id, source),
+                   intro=f"{kind}{origin} with lcm-jax (JAX/Flax), saved in the diffusers layout.", usage=usage,
+                   snippet=diffusers_snippet(repo_id or source, recipe, prompt), cli=cli, training=training,
+                   step=step, params=params)
 
 
 def lora_card(*, base_model: str, source: str, folder: str, repo_id: str | None = None, training: Mapping | None = None,
@@ -167,13 +177,9 @@ def lora_card(*, base_model: str, source: str, folder: str, repo_id: str | None 
   teacher), loaded into the base with diffusers' `load_lora_weights`, sampled with the
   LCMScheduler at guidance scale 1 (the adapter has no guidance input; w was distilled in).
   `source` is the run's workdir, `folder` the export (the snippet loads `repo_id`, else `folder`)."""
-  from huggingface_hub import ModelCardData
   tags = ["text-to-image", "stable-diffusion", "diffusers", "lora", "lcm-jax", "latent-consistency-model",
           "lcm", "lcm-lora"]
-  data = ModelCardData(base_model=_hub_id(base_model), library_name="diffusers", pipeline_tag="text-to-image",
-                       license=license_of(base_model), tags=tags)
   where = repo_id or folder
-  title = repo_id.split("/")[-1] if repo_id else os.path.basename(os.path.normpath(folder)) or folder
   snippet = "\n".join([
       "import torch", "from diffusers import DiffusionPipeline, LCMScheduler", "",
       f"pipe = DiffusionPipeline.from_pretrained({base_model!r}, torch_dtype=torch.float16)",
@@ -182,16 +188,11 @@ def lora_card(*, base_model: str, source: str, folder: str, repo_id: str | None 
       f"image = pipe({prompt!r}, num_inference_steps={num_inference_steps}, guidance_scale=1, "
       "generator=torch.manual_seed(0)).images[0]",
       'image.save("image.png")'])
-  text = [f"---\n{data.to_yaml()}\n---", "", f"# {title}", "",
-          f"An LCM-LoRA adapter for `{base_model}`, distilled with lcm-jax from the run `{source}` (JAX/Flax) and saved in diffusers' "
-          "LoRA format (`pytorch_lora_weights.safetensors`). Loaded into the base model (or a fine-tune of it) "
-          f"it samples in 2-8 steps with the LCMScheduler; {num_inference_steps} steps, guidance scale 1 "
-          "(no negative prompt: the guidance is distilled into the adapter).", "",
-          "## Use with diffusers", "", "```python", snippet, "```", "",
-          "With lcm-jax:", "", "```bash",
-          f"python -m lcm_jax.sample --model {base_model} --lora {where} --prompt {json.dumps(prompt)} "
-          f"--steps {num_inference_steps} --guidance_scale 1 --output out/", "```"]
-  if training is not None:
-    text += ["", training_section(training, step, params)]
-  return "\n".join(text) + "\n"
-
+  intro = (f"An LCM-LoRA adapter for `{base_model}`, distilled with lcm-jax from the run `{source}` (JAX/Flax) and "
+           "saved in diffusers' LoRA format (`pytorch_lora_weights.safetensors`). Loaded into the base model (or a "
+           f"fine-tune of it) it samples in 2-8 steps with the LCMScheduler; {num_inference_steps} steps, guidance "
+           "scale 1 (no negative prompt: the guidance is distilled into the adapter).")
+  cli = (f"python -m lcm_jax.sample --model {base_model} --lora {where} --prompt {json.dumps(prompt)} "
+         f"--steps {num_inference_steps} --guidance_scale 1 --output out/")
+  return _assemble(base=base_model, tags=tags, title=_title(repo_id, folder), intro=intro, usage="",
+                   snippet=snippet, cli=cli, training=training, step=step, params=params)

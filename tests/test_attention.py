@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lcm_jax.errors import LcmJaxError
 from lcm_jax.models import attention as attention_lib
 from lcm_jax.models.attention import attention, xla_attention
 from lcm_jax.models.unet import UNet2DConditionModel
@@ -146,7 +147,7 @@ def test_backend_choice_and_fallback(caplog):
   assert attention_lib.resolve_backend("cudnn", q) == "chunked"
   assert attention_lib.resolve_backend("cudnn", q) == "chunked"
   assert sum("cudnn needs a GPU" in m for m in attention_lib._logged) == 1
-  with pytest.raises(ValueError, match="unknown attention backend"):
+  with pytest.raises(LcmJaxError, match="unknown attention backend"):
     attention_lib.resolve_backend("flash", q)
 
 
@@ -197,7 +198,6 @@ def test_config_attention_reaches_the_student_teacher_and_vae(tiny_pipeline):
   """config.attention is the backend of the run's student, teacher and VAE; an unknown name is
   refused by check_config before anything loads."""
   from lcm_jax import config as config_lib
-  from lcm_jax.errors import LcmJaxError
   from lcm_jax.sharding import make_mesh
   from lcm_jax.training.frozen import abstract_frozen_models
   from lcm_jax.training.sources import resolve_sources
@@ -270,7 +270,6 @@ def test_splash_under_a_mesh_runs_per_device():
 def test_load_pipeline_attention_reaches_the_unet_and_vae(tiny_pipeline):
   """load_pipeline(..., attention=) (and so `lcm_jax.sample --attention`) sets the backend of
   the UNet's and the VAE's attention layers; an unknown name is one LcmJaxError."""
-  from lcm_jax.errors import LcmJaxError
   from lcm_jax.load import load_pipeline
   pipe = load_pipeline(tiny_pipeline("sd1"), attention="xla")
   assert (pipe.unet.attention, pipe.vae.attention) == ("xla", "xla")

@@ -38,6 +38,8 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
+from lcm_jax.errors import LcmJaxError
+
 BACKENDS = ("auto", "xla", "chunked", "cudnn", "splash")
 
 # Default block sizes of "chunked". On CPU: keys in one block up to 16384 (SD's longest is
@@ -101,11 +103,16 @@ def _cudnn_reason(q: jax.Array, platform: str) -> str | None:
   return None
 
 
+def check_backend(backend: str) -> None:
+  """Raises LcmJaxError unless `backend` is one of BACKENDS."""
+  if backend not in BACKENDS:
+    raise LcmJaxError(f"unknown attention backend {backend!r}; choose from {', '.join(BACKENDS)}")
+
+
 def resolve_backend(backend: str, q: jax.Array) -> str:
   """The backend that will run q [B, Lq, N, D]: `backend` itself, or what "auto" or a
   fallback picks for this platform, dtype and head dim (logged once per distinct choice)."""
-  if backend not in BACKENDS:
-    raise ValueError(f"unknown attention backend {backend!r}; choose from {', '.join(BACKENDS)}")
+  check_backend(backend)
   platform = target_platform()
   what = f"{q.dtype} head dim {q.shape[-1]} on {platform}"
   if backend == "auto":
