@@ -68,9 +68,10 @@ toy-figure4: demo
 	$(PY) -m lcm_jax.toy.ablations --figure 4 --lcm workdirs/toy --num_samples 500 --output docs/toy/figure4 \
 	  --cache_dir workdirs/toy_eval/figure4
 
-# Figure 3: 12 LCD runs (3 solvers x k in {1, 5, 20, 50}), 4-step FID every 200 of 600 steps.
+# Figure 3: 12 LCD runs (3 solvers x k in {1, 5, 20, 50}), 4-step FID every 200 of 600 steps,
+# two runs at a time (the toy step leaves a core idle).
 toy-figure3: demo
-	$(PY) -m lcm_jax.toy.ablations --figure 3 --output docs/toy/figure3 --workdir_root workdirs/fig3 \
+	$(PY) -m lcm_jax.toy.ablations --figure 3 --output docs/toy/figure3 --workdir_root workdirs/fig3 --train_jobs 2 \
 	  --train_steps 600 --eval_every 200 --num_samples 500 --cache_dir workdirs/toy_eval/figure3
 
 # LCF with data-anchored targets (a quarter of each batch targets the data itself) on half
