@@ -56,12 +56,13 @@ toy-table: demo
 
 # The rest of the paper at toy scale (README, "The toy reproduction"; issue 14). Each target
 # resumes its training runs and skips cached cells, so a rerun only does what is missing.
-# Guided-Distill (Table 1's fifth row) at the LCM row's compute: 1000 steps at batch 32, then the
-# five-row table (the four rows above plus its row, each N-step cell from the end of its round).
+# Guided-Distill (Table 1's fifth row) at the LCM row's compute: 1000 steps at batch 32, then its
+# row and the LCM's scored in one run (the teacher rows are toy-table's; 20 minutes on a loaded
+# 2-core machine), each N-step cell from the end of its round.
 toy-guided-distill: demo
 	$(PY) -m lcm_jax.train --config=configs/toy.py:guided_distill --workdir=workdirs/toy_gd
-	$(PY) -m lcm_jax.toy.evaluate --lcm workdirs/toy --guided_distill workdirs/toy_gd \
-	  --samplers ddim,dpm_solver,dpm_solver_pp,guided_distill,lcm --output docs/toy/table1 --cache_dir workdirs/toy_eval/table1
+	$(PY) -m lcm_jax.toy.evaluate --lcm workdirs/toy --guided_distill workdirs/toy_gd --samplers guided_distill,lcm \
+	  --reference_steps 0 --output docs/toy/table1_guided_distill --cache_dir workdirs/toy_eval/table1
 
 # Figure 4: the demo's LCM at w in {1, 2, 4, 6, 8, 10, 14} x {1, 2, 4, 8} steps (sampling only).
 toy-figure4: demo
