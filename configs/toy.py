@@ -95,6 +95,8 @@ def get_config(arg=None):
     # batch takes the data latent itself as its target (a skip all the way to the boundary,
     # f(z, 0) = z), so the new data reaches every t directly instead of one skipping interval
     # per target update (README, "LCF"; lcm_jax.losses.ConsistencyLossConfig.lcf_data_anchor).
+    # Measured (README): P = 0.5 with `lcf_data=mixed`, 1000 steps, reaches 82.8% 4-step
+    # alignment on the new colours and keeps 92.0% on the old ones.
     c.loss.lcf_data_anchor = arg.lcf_anchor
     c.sample_prompts = (
         "a orange circle on the left on a blue background",

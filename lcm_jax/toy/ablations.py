@@ -122,7 +122,7 @@ def _train(workdir: str, solver: str, k: int) -> float:
   if log:  # runs side by side: each run's progress to its own file, not interleaved
     os.makedirs(os.path.dirname(os.path.abspath(log)), exist_ok=True)
     print(f"[figure3] its output: {log}", flush=True)
-    with open(log, "w") as out:
+    with open(log, "a") as out:  # a resumed run appends
       result = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT)
   else:
     result = subprocess.run(command)
