@@ -104,12 +104,12 @@ def figure4(output: str) -> dict:
   return record
 
 
-def _train(workdir: str, solver: str, k: int) -> float:
+def _train(workdir: str, solver: str, k: int) -> float | None:
   """Trains (or resumes) one Figure 3 run in a subprocess (`python -m lcm_jax.train`); its
-  minutes (0 for a finished run)."""
+  minutes, or None for a run already finished (its time is in its own train.log)."""
   from lcm_jax import workdir as workdir_lib
   if workdir_lib.is_workdir(workdir) and (workdir_lib.latest_step(workdir) or 0) >= FLAGS.train_steps:
-    return 0.0
+    return None
   command = [sys.executable, "-m", "lcm_jax.train", "--config=configs/toy.py", f"--workdir={workdir}",
              f"--config.teacher={display_path(TEACHER_DIR)}", f"--config.loss.solver={solver}",
              f"--config.loss.skipping_step={k}", f"--config.num_train_steps={FLAGS.train_steps}",
@@ -159,10 +159,12 @@ def figure3(output: str) -> dict:
   for name, solver, k in runs:
     workdir = os.path.join(FLAGS.workdir_root, name)
     try:
-      record["train_minutes"][name] = round(trained[name].result(), 2)
+      minutes = trained[name].result()
     except BaseException:
       pool.shutdown(wait=True, cancel_futures=True)
       raise
+    if minutes is not None:
+      record["train_minutes"][name] = round(minutes, 2)
     models = {step: build_models(None, workdir, lcm_step=step)["lcm"] for step in checkpoints}
     cells = [Cell(f"{name}_step{step}", name, step, SamplerSource(models[step], "lcm", FLAGS.eval_steps,
                                                                    guidance_scale=FLAGS.guidance_scale,
